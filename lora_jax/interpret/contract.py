@@ -1,0 +1,115 @@
+"""Rules for the ops LoRA exists for: the base op on W plus a low-rank term that never forms ΔW.
+
+- `dot_general`: `x·W + scale·(drop(x)·A)·B` when the kernel's contracted axes are exactly its
+  in-axes, or `(drop(x)·Bᵀ)·Aᵀ` when they are exactly its out-axes (a tied embedding's `attend`).
+- `conv_general_dilated`: the base conv, plus a conv with A (r output channels) then a 1×1 with B.
+- `gather` (embedding lookup): the base lookup, plus the same lookup of A's rows, then `·B`.
+"""
+
+from __future__ import annotations
+
+import string
+
+import jax.numpy as jnp
+from jax.extend.core import primitives as P
+
+from .core import bind, materialize, materialize_all, rule
+from .tracked import Tracked
+
+
+def _with_b(t: Tracked, h, axis: int):
+  """Contract axis `axis` (size r) of `h` with `B: (r, O)` and put O back at that position."""
+  y = jnp.tensordot(h * t.scale, t.b.astype(h.dtype), axes=[[axis], [0]])
+  return jnp.moveaxis(y, -1, axis)
+
+
+def _a_in_view(t: Tracked):
+  """A arranged like the kernel's view, with the single out-axis replaced by the rank axis."""
+  n_i = t.count("i")
+  return jnp.transpose(t.a, [k if role == "i" else n_i for role, k in t.axes])
+
+
+@rule(P.dot_general_p)
+def _dot_general(eqn, invals, ctx):
+  lhs, rhs = invals
+  if isinstance(lhs, Tracked) and isinstance(rhs, Tracked):  # W1·W2: keep one factored
+    lhs = materialize(lhs, ctx, "dot_general with two kernels")
+  kernel_is_rhs = isinstance(rhs, Tracked)
+  x, t = (lhs, rhs) if kernel_is_rhs else (rhs, lhs)
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
+  if set(kc) == set(t.view_axes("i")):
+    first, second = "i", "o"
+  elif set(kc) == set(t.view_axes("o")):
+    first, second = "o", "i"
+  else:
+    first = None
+  if first is None or any(t.axes[j][0] != "s" for j in kb):
+    return materialize_all(eqn, [lhs, rhs], ctx)
+  ctx.record(t.site, "dot_general")
+  base = bind(eqn, [x, t.w] if kernel_is_rhs else [t.w, x])[0]
+
+  letters = iter(string.ascii_letters)
+  x_l = [next(letters) for _ in range(x.ndim)]
+  k_l = [None] * t.w.ndim
+  for i, j in zip(xc, kc):
+    k_l[j] = x_l[i]
+  for i, j in zip(xb, kb):
+    k_l[j] = x_l[i]
+  k_l = [l if l is not None else next(letters) for l in k_l]
+  r = next(letters)
+  group = lambda role: [k_l[j] for j in t.view_axes(role)]
+  a_l = group("s") + group("i") + [r]
+  b_l = group("s") + [r] + group("o")
+  x_keep = [l for i, l in enumerate(x_l) if i not in xc]  # x's batch and free axes
+  s_free = [k_l[j] for j in t.view_axes("s") if j not in kb]
+  h_l = x_keep + s_free + [r]
+  x_free = [x_l[i] for i in range(x.ndim) if i not in xc and i not in xb]
+  k_free = [k_l[j] for j in range(t.w.ndim) if j not in kc and j not in kb]
+  out_l = [x_l[i] for i in xb] + (x_free + k_free if kernel_is_rhs else k_free + x_free)
+
+  factors = {"i": (t.a, a_l), "o": (t.b, b_l)}
+  (f1, f1_l), (f2, f2_l) = factors[first], factors[second]
+  dtype = t.w.dtype
+  opts = dict(precision=eqn.params.get("precision"),
+              preferred_element_type=eqn.params.get("preferred_element_type"))
+  h = jnp.einsum(f"{''.join(x_l)},{''.join(f1_l)}->{''.join(h_l)}", ctx.drop(x), f1.astype(dtype),
+                 **opts)
+  h = h * jnp.asarray(t.scale, h.dtype)
+  y = jnp.einsum(f"{''.join(h_l)},{''.join(f2_l)}->{''.join(out_l)}", h, f2.astype(h.dtype), **opts)
+  return [base + y.astype(base.dtype)]
+
+
+@rule(P.conv_general_dilated_p)
+def _conv(eqn, invals, ctx):
+  x, t = invals
+  p = eqn.params
+  lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+  if (isinstance(x, Tracked) or not isinstance(t, Tracked) or t.count("s")
+      or t.view_axes("o") != [rhs_spec[0]]
+      or p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
+    return materialize_all(eqn, invals, ctx)
+  ctx.record(t.site, "conv_general_dilated")
+  base = bind(eqn, [x, t.w])[0]
+  h = bind(eqn, [ctx.drop(x), _a_in_view(t).astype(t.w.dtype)])[0]  # r output channels
+  return [base + _with_b(t, h, out_spec[1]).astype(base.dtype)]
+
+
+@rule(P.gather_p)
+def _gather(eqn, invals, ctx):
+  t, idx = invals
+  if isinstance(idx, Tracked) or not isinstance(t, Tracked):
+    return materialize_all(eqn, invals, ctx)
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  in_axes, out_axes = t.view_axes("i"), t.view_axes("o")
+  if (t.count("s") or len(out_axes) != 1
+      or sorted(dn.collapsed_slice_dims) != in_axes or not set(dn.start_index_map) <= set(in_axes)
+      or dn.operand_batching_dims or p["slice_sizes"][out_axes[0]] != t.w.shape[out_axes[0]]):
+    return materialize_all(eqn, invals, ctx)
+  ctx.record(t.site, "gather")
+  base = bind(eqn, [t.w, idx])[0]
+  rank = t.a.shape[-1]
+  sizes = tuple(rank if j == out_axes[0] else s for j, s in enumerate(p["slice_sizes"]))
+  rows = eqn.primitive.bind(_a_in_view(t).astype(t.w.dtype), idx, **{**p, "slice_sizes": sizes})
+  return [base + _with_b(t, rows, dn.offset_dims[0]).astype(base.dtype)]

@@ -1,0 +1,34 @@
+"""The merged path: fold `ΔW = scale · A·B` into the kernels for zero inference overhead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from .interpret import Tracked
+from .plan import Plan, site_arrays
+from .tree import map_leaves, strip, with_value
+
+
+def delta(plan: Plan, tree: Any) -> dict[str, jax.Array]:
+  """`{path: ΔW}` with `ΔW = scale · A·B` arranged in each kernel's own axis order (float32, or
+  float64 for float64 kernels)."""
+  return {s.path: Tracked.from_kernel(w, a, b, s.layout, i, s.scale).delta()
+          for i, (s, (w, a, b)) in enumerate(zip(plan.sites, site_arrays(plan, tree).values()))}
+
+
+def merge(plan: Plan, tree: Any) -> Any:
+  """Plain variables with `W' = W + scale · A·B` and the LoRA leaves removed.
+
+  The sum is accumulated in float32 and cast once to W's dtype; a concrete W's sharding is kept.
+  `jit`-compatible (donate `tree` to merge in place). To get the base back use `lj.strip(tree)`
+  on the LoRA tree: never subtract ΔW again (that drifts in bf16).
+  """
+  merged = {}
+  for i, (s, (w, a, b)) in enumerate(zip(plan.sites, site_arrays(plan, tree).values())):
+    new = Tracked.from_kernel(w, a, b, s.layout, i, s.scale).materialize()
+    if isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer):
+      new = jax.device_put(new, w.sharding)
+    merged[s.path] = new
+  return map_leaves(lambda p, x: with_value(x, merged[p]) if p in merged else x, strip(tree))
