@@ -1,0 +1,103 @@
+"""The zoo contract: for every way a kernel is stored and used, the unmerged path equals the base
+at init, equals the merged path with random factors (values and gradients), keeps every use
+low-rank, and costs no more FLOPs than the low-rank terms."""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+import zoo
+
+NAMES = ["mlp", "attention_block", "scan_remat", "cnn", "embed_tied", "einsum_module", "nnx",
+         "plain_transposed"]
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(name):
+  entry = zoo.entries()[name]
+  config = lj.LoraConfig(targets=entry.targets, rank=zoo.RANK, alpha=3.0)
+  plan = lj.plan(config, entry.variables, apply_fn=entry.fn, args=(entry.x,))
+  tree = lj.attach(plan, entry.variables, jax.random.key(1))
+  return entry, plan, tree
+
+
+def _randomize(tree, key):
+  """Random A and B (B is zero after attach, which would hide every bug in the low-rank term)."""
+  adapters, base = lj.split(tree)
+  leaves, treedef = jax.tree_util.tree_flatten(adapters)
+  keys = jax.random.split(key, len(leaves))
+  leaves = [0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  return lj.combine(base, jax.tree_util.tree_unflatten(treedef, leaves))
+
+
+def _flops(f, *args):
+  cost = jax.jit(f).lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_plan_finds_every_site_low_rank(name):
+  entry, plan, _ = _setup(name)
+  assert len(plan.sites) == entry.n_sites
+  for site in plan.sites:
+    assert site.low_rank, f"{site.path}: {site.use}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_equals_base(name):
+  entry, plan, tree = _setup(name)
+  base = jax.jit(entry.fn)(entry.variables, entry.x)
+  # B = 0, so only float reassociation (different fusion) may differ from the base.
+  for make in (lj.unmerged, lj.merged):
+    np.testing.assert_allclose(jax.jit(make(entry.fn, plan))(tree, entry.x), base, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unmerged_equals_merged_values_and_grads(name):
+  entry, plan, tree = _setup(name)
+  tree = _randomize(tree, jax.random.key(7))
+  adapters, base = lj.split(tree)
+  y_base = entry.fn(entry.variables, entry.x)
+  cot = jax.random.normal(jax.random.key(3), y_base.shape)
+
+  def loss(apply, adapters):
+    return jnp.sum(apply(lj.combine(base, adapters), entry.x) * cot)
+
+  results = {}
+  for path_name, make in (("unmerged", lj.unmerged), ("merged", lj.merged)):
+    apply = make(entry.fn, plan)
+    y = jax.jit(apply)(tree, entry.x)
+    grads = jax.jit(jax.grad(functools.partial(loss, apply)))(adapters)
+    results[path_name] = (y, grads)
+  (y_u, g_u), (y_m, g_m) = results["unmerged"], results["merged"]
+  assert float(jnp.max(jnp.abs(y_u - y_base))) > 1e-2, "random factors must change the output"
+  np.testing.assert_allclose(y_u, y_m, rtol=2e-5, atol=2e-5)
+  flat_u, flat_m = lj.tree.flatten(g_u), lj.tree.flatten(g_m)
+  assert flat_u.keys() == flat_m.keys() and len(flat_u) == 2 * entry.n_sites
+  for p in flat_u:
+    gu, gm = lj.tree.unbox(flat_u[p]), lj.tree.unbox(flat_m[p])
+    assert float(jnp.max(jnp.abs(gm))) > 0, p
+    np.testing.assert_allclose(gu, gm, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(gm))), err_msg=p)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_unmerged_flops_only_add_low_rank_terms(name):
+  entry, plan, tree = _setup(name)
+  base_flops = _flops(entry.fn, entry.variables, entry.x)
+  lora_flops = _flops(lj.unmerged(entry.fn, plan), tree, entry.x)
+  low_rank, materialise = 0.0, 0.0
+  for s in plan.sites:
+    stack = math.prod(s.shape[j] for j in s.layout.stack_axes)
+    # x·A then ·B (2 FLOPs per multiply-add), the scale, and the add onto the base output.
+    per_use = entry.rows * (2 * s.rank * (s.fan_in + s.fan_out) + s.rank + 2 * s.fan_out)
+    low_rank += stack * len(s.use) * per_use
+    materialise += stack * 2 * s.fan_in * s.fan_out * s.rank
+  assert low_rank < materialise, "zoo shapes must make materialising costlier than low-rank"
+  extra = lora_flops - base_flops
+  assert 0 < extra <= low_rank, (extra, low_rank, materialise)

@@ -1,0 +1,137 @@
+"""The model zoo every apply-path test runs on: eight ways a kernel is stored and used.
+
+Each entry gives base variables, the function to adapt (`fn(variables, x)`), an input, the
+config targets and, for the FLOP bound, how many rows pass through each adapted kernel. Shapes are
+small but chosen so that materialising `W + ΔW` would cost more FLOPs than the low-rank terms
+(so the FLOP test can tell the two apart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+RANK = 2
+
+
+@dataclasses.dataclass
+class Entry:
+  name: str
+  variables: Any
+  fn: Callable
+  x: Any
+  targets: str
+  n_sites: int
+  rows: int  # rows (tokens / output positions) through each kernel per stack slice
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(48)(x))
+    x = nn.relu(nn.Dense(48)(x))
+    return nn.Dense(16)(x)
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm()(x)
+    x = x + nn.SelfAttention(num_heads=2, qkv_features=32, deterministic=True)(h)
+    h = nn.LayerNorm()(x)
+    return x + nn.Dense(32, name="fc2")(nn.gelu(nn.Dense(64, name="fc1")(h)))
+
+
+class Layer(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return x + nn.tanh(nn.Dense(32)(x)), None
+
+
+class Stack(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    layers = nn.scan(nn.remat(Layer), variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=3)
+    x, _ = layers(name="layers")(x, None)
+    return x
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(32, (3, 3))(x))
+    x = nn.relu(nn.Conv(32, (3, 3))(x))
+    return x.mean(axis=(1, 2))
+
+
+class TiedLM(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(64, 32)
+    h = embed(tokens)
+    return embed.attend(jnp.tanh(h))
+
+
+class EinsumHeads(nn.Module):
+  """A custom module: kernel stored (H, D, hd), used through jnp.einsum."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("kernel", nn.initializers.normal(0.1), (4, 32, 8))
+    h = jnp.einsum("btd,hdk->bthk", x, w)
+    w2 = self.param("proj", nn.initializers.normal(0.1), (4, 8, 32))
+    return jnp.einsum("bthk,hkd->btd", jnp.tanh(h), w2)
+
+
+class NNXMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(24, 48, rngs=rngs)
+    self.l2 = nnx.Linear(48, 16, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(nnx.relu(self.l1(x)))
+
+
+def plain_fn(params, x):
+  """A plain jnp function whose kernel is stored (out, in) and used as x @ W.T."""
+  h = jnp.tanh(x @ params["w1"].T + params["b1"])
+  return h @ params["w2"].T
+
+
+def _linen(name, module, x, targets, n_sites, rows):
+  variables = module.init(jax.random.key(0), x)
+  return Entry(name, variables, module.apply, x, targets, n_sites, rows)
+
+
+def build() -> list[Entry]:
+  k = jax.random.split(jax.random.key(42), 8)
+  seq = jax.random.normal(k[0], (2, 3, 32))
+  entries = [
+      _linen("mlp", MLP(), jax.random.normal(k[1], (4, 24)), r".*/kernel", 3, 4),
+      _linen("attention_block", Block(), seq, r".*/(query|key|value|out|fc1|fc2)/kernel", 6, 6),
+      _linen("scan_remat", Stack(), jax.random.normal(k[2], (4, 32)), r".*/kernel", 1, 4),
+      _linen("cnn", CNN(), jax.random.normal(k[3], (1, 4, 4, 16)), r".*/kernel", 2, 16),
+      _linen("embed_tied", TiedLM(), jnp.array([[1, 5, 7], [2, 63, 0]]), r".*/embedding", 1, 6),
+      _linen("einsum_module", EinsumHeads(), seq, r".*/(kernel|proj)", 2, 6),
+  ]
+  graphdef, state = nnx.split(NNXMLP(nnx.Rngs(0)))
+  entries.append(Entry("nnx", state, lambda s, x: nnx.merge(graphdef, s)(x),
+                       jax.random.normal(k[4], (4, 24)), r".*/kernel", 2, 4))
+  params = {"w1": jax.random.normal(k[5], (48, 24)) * 0.2, "b1": jnp.zeros(48),
+            "w2": jax.random.normal(k[6], (16, 48)) * 0.2}
+  entries.append(Entry("plain_transposed", params, plain_fn, jax.random.normal(k[7], (4, 24)),
+                       r"w\d", 2, 4))
+  return entries
+
+
+@functools.lru_cache(maxsize=None)
+def entries() -> dict[str, Entry]:
+  """The zoo, built once per test session."""
+  return {e.name: e for e in build()}
