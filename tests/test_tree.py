@@ -1,0 +1,110 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lora_jax as lj
+import zoo
+
+
+def _mlp_tree(**cfg):
+  e = zoo.entries()["mlp"]
+  p = lj.plan(lj.LoraConfig(**{"targets": r".*/kernel", "rank": 2, **cfg}), e.variables)
+  return e, p, lj.attach(p, e.variables, jax.random.key(0))
+
+
+def test_attach_adds_siblings_with_b_zero():
+  e, p, tree = _mlp_tree()
+  for s in p.sites:
+    scope = tree["params"][s.path.split("/")[1]]
+    assert scope["kernel_lora_a"].shape == s.a_shape and scope["kernel_lora_b"].shape == s.b_shape
+    assert not np.any(scope["kernel_lora_b"])
+    assert scope["kernel_lora_a"].dtype == jnp.float32
+  assert set(tree["params"]["Dense_0"]) == {"kernel", "bias", "kernel_lora_a", "kernel_lora_b"}
+
+
+def test_init_distributions():
+  w = {"w": jnp.zeros((4096, 64))}
+  for init, check in (
+      ("kaiming_uniform", lambda a: (np.abs(a).max() <= 1 / 64 + 1e-7 and  # 1/sqrt(fan_in=4096)
+                                     abs(a.std() - (1 / 64) / np.sqrt(3)) < 2e-4)),
+      ("gaussian", lambda a: abs(a.std() - 1 / 16) < 2e-3 and abs(a.mean()) < 2e-3)):
+    p = lj.plan(lj.LoraConfig(targets="w", rank=16, init=init), w)
+    a = np.asarray(lj.attach(p, w, jax.random.key(0))["w_lora_a"])
+    assert check(a), init
+
+
+def test_strip_is_bit_exact_and_identity():
+  e, p, tree = _mlp_tree()
+  base = lj.strip(tree)
+  assert jax.tree_util.tree_structure(base) == jax.tree_util.tree_structure(e.variables)
+  for (pa, a), (pb, b) in zip(lj.tree.flatten(base).items(), lj.tree.flatten(e.variables).items()):
+    assert pa == pb and a is b
+
+
+def test_split_combine_round_trip_and_mask():
+  e, p, tree = _mlp_tree()
+  adapters, base = lj.split(tree)
+  assert sorted(lj.tree.flatten(adapters)) == sorted(
+      f"{s.path}{suf}" for s in p.sites for suf in ("_lora_a", "_lora_b"))
+  back = lj.combine(base, adapters)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
+  mask = lj.trainable_mask(tree)
+  assert jax.tree_util.tree_structure(mask) == jax.tree_util.tree_structure(tree)
+  for path, m in lj.tree.flatten(mask).items():
+    assert m == path.endswith(("_lora_a", "_lora_b")), path
+  with pytest.raises(ValueError, match="must hold only LoRA leaves"):
+    lj.combine(base, base)
+  bad = {"params": {"Nope": {"kernel_lora_a": jnp.zeros(2)}}}
+  with pytest.raises(ValueError, match="no kernel in `base` for adapter leaf 'params/Nope/kernel_lora_a'"):
+    lj.combine(base, bad)
+
+
+def test_tree_that_does_not_match_plan_fails_naming_path():
+  e, p, tree = _mlp_tree()
+  other = jax.tree_util.tree_map(lambda x: x, tree)
+  other["params"]["Dense_1"]["kernel_lora_b"] = jnp.zeros((3, 48))
+  with pytest.raises(ValueError, match=r"params/Dense_1/kernel_lora_b: shape \(3, 48\) does not match"):
+    lj.merge(p, other)
+  small = {"params": {**e.variables["params"], "Dense_0": {"kernel": jnp.zeros((5, 48)), "bias": jnp.zeros(48)}}}
+  with pytest.raises(ValueError, match=r"params/Dense_0/kernel: kernel shape \(5, 48\)"):
+    lj.attach(p, small, jax.random.key(0))
+
+
+def test_nnx_state_boxes_are_transparent_and_kept():
+  e = zoo.entries()["nnx"]
+  p = lj.plan(lj.LoraConfig(targets=e.targets, rank=2), e.variables, apply_fn=e.fn, args=(e.x,))
+  assert p.paths == ("l1/kernel", "l2/kernel")
+  tree = lj.attach(p, e.variables, jax.random.key(0))
+  assert isinstance(tree["l1"]["kernel_lora_a"], nnx.Param)
+  assert isinstance(tree, nnx.State)
+  merged = lj.merge(p, tree)
+  assert isinstance(merged["l1"]["kernel"], nnx.Param)
+  np.testing.assert_allclose(e.fn(merged, e.x), e.fn(e.variables, e.x), rtol=1e-6)
+  mask = lj.trainable_mask(tree)
+  assert jax.tree_util.tree_structure(mask) == jax.tree_util.tree_structure(tree)
+
+
+class Sharded(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    init = nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+    return nn.Dense(8, kernel_init=init)(x)
+
+
+def test_partitioned_boxes_get_matching_names():
+  m, x = Sharded(), jnp.ones((2, 4))
+  v = m.init(jax.random.key(0), x)
+  p = lj.plan(lj.LoraConfig(targets=".*/kernel", rank=2), v, apply_fn=m.apply, args=(x,))
+  assert p.paths == ("params/Dense_0/kernel",)
+  tree = lj.attach(p, v, jax.random.key(1))
+  a, b = tree["params"]["Dense_0"]["kernel_lora_a"], tree["params"]["Dense_0"]["kernel_lora_b"]
+  assert isinstance(a, nn.Partitioned) and a.names == ("embed", None) and b.names == (None, "mlp")
+  adapters, base = lj.split(tree)
+  adapters = jax.tree_util.tree_map(lambda t: jnp.full_like(t, 0.5), adapters)
+  tree = lj.combine(base, adapters)
+  y_u, y_m = lj.unmerged(m.apply, p)(tree, x), lj.merged(m.apply, p)(tree, x)
+  np.testing.assert_allclose(y_u, y_m, rtol=1e-6)
+  assert float(jnp.abs(y_u - m.apply(v, x)).max()) > 0.1
