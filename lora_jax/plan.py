@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from .config import LoraConfig
+from .interpret import Context, Tracked, eval_jaxpr, trace
+from .interpret import layout as layout_lib
 from .tree import LORA_A, LORA_B, flatten, lora_paths, unbox
 
 
@@ -203,7 +205,6 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
 
   traced = None
   if apply_fn is not None:
-    from .interpret import layout as layout_lib, trace
     traced = trace(apply_fn, variables, args, kwargs)
     positions = {traced.index(p): i for i, p in enumerate(selected)}
     uses = layout_lib.infer(traced.jaxpr.jaxpr, positions,
@@ -239,7 +240,6 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
 
 def _record_uses(plan_: Plan, traced) -> Plan:
   """Run the unmerged interpreter abstractly and write down what it does with each site."""
-  from .interpret import Context, Tracked, eval_jaxpr
   seen: dict[int, list[str]] = {i: [] for i in range(len(plan_.sites))}
 
   def record(site: int, use: str) -> None:
@@ -268,6 +268,10 @@ def _record_uses(plan_: Plan, traced) -> Plan:
 def site_arrays(plan_: Plan, tree: Any) -> dict[str, tuple[Any, Any, Any]]:
   """`{path: (W, A, B)}` (unboxed) for every site, checking that `tree` matches the plan."""
   leaves = flatten(tree)
+  expected = {s.path + suffix for s in plan_.sites for suffix in (LORA_A, LORA_B)}
+  stray = [p for p in lora_paths(tree) if p not in expected]
+  if stray:
+    raise ValueError(f"{stray[0]}: LoRA leaf not in the plan (the plan adapts {list(plan_.paths)})")
   out = {}
   for s in plan_.sites:
     for p, want in ((s.path, s.shape), (s.path + LORA_A, s.a_shape), (s.path + LORA_B, s.b_shape)):

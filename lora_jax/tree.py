@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta
 
+from .init import INITIALIZERS
+
 PyTree = Any
 LORA_A, LORA_B = "_lora_a", "_lora_b"
 
@@ -203,8 +205,6 @@ def attach(plan: Any, variables: PyTree, key: jax.Array) -> PyTree:
   The factors are float32 (float64 for float64 kernels) whatever the kernel's dtype, and boxed
   like their kernel. Since `B = 0`, the model's output is unchanged. Returns a new tree.
   """
-  from .init import INITIALIZERS
-
   existing = lora_paths(variables)
   if existing:
     raise ValueError(f"lj.attach: variables already carry LoRA leaves (e.g. {existing[0]!r})")

@@ -108,3 +108,10 @@ def test_partitioned_boxes_get_matching_names():
   y_u, y_m = lj.unmerged(m.apply, p)(tree, x), lj.merged(m.apply, p)(tree, x)
   np.testing.assert_allclose(y_u, y_m, rtol=1e-6)
   assert float(jnp.abs(y_u - m.apply(v, x)).max()) > 0.1
+
+
+def test_adapters_outside_the_plan_are_rejected():
+  e, p, tree = _mlp_tree()
+  small = lj.plan(lj.LoraConfig(targets=r"params/Dense_0/kernel", rank=2), e.variables)
+  with pytest.raises(ValueError, match=r"params/Dense_1/kernel_lora_a: LoRA leaf not in the plan"):
+    lj.unmerged(e.fn, small)(tree, e.x)
