@@ -22,7 +22,8 @@ def merge(plan: Plan, tree: Any) -> Any:
   """Plain variables with `W' = W + scale · A·B` and the LoRA leaves removed.
 
   The sum is accumulated in float32 and cast once to W's dtype; a concrete W's sharding is kept.
-  `jit`-compatible (donate `tree` to merge in place). To get the base back use `lj.strip(tree)`
+  `jit`-compatible: `jax.jit(lj.merge, static_argnums=0, donate_argnums=1)` updates the kernels
+  in place (JAX then warns that the A/B buffers could not be reused: they have no output). To get the base back use `lj.strip(tree)`
   on the LoRA tree: never subtract ΔW again (that drifts in bf16).
   """
   merged = {}
