@@ -95,3 +95,25 @@ def test_delta_is_zero_at_init_and_merge_jits_with_donation():
   assert sorted(merged) == sorted(eager)
   for path in eager:
     np.testing.assert_allclose(merged[path], eager[path], rtol=1e-6, atol=1e-6, err_msg=path)
+
+
+def test_unmerged_general_contractions_match_float64_math():
+  # Kernel axes as dot_general *batch* dims (a stack used in a batched matmul) and a kernel on
+  # the left-hand side: the general einsum path of the dot_general rule.
+  def fn(p, x):
+    y = jnp.tanh(jnp.einsum("lbd,ldf->lbf", x, p["stacked"]))
+    return jnp.einsum("od,lbd->lbo", p["w2"], y)
+
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"stacked": jax.random.normal(k[0], (3, 8, 6)), "w2": jax.random.normal(k[1], (5, 6))}
+  x = jax.random.normal(k[2], (3, 4, 8))
+  p = lj.plan(lj.LoraConfig(targets=".*", rank=2, alpha=3.0), params, fn, (x,))
+  assert [s.layout for s in p.sites] == [lj.Layout((0,), (1,), (2,)), lj.Layout((), (1,), (0,))]
+  assert all(s.low_rank for s in p.sites)
+  tree = _random_factors(lj.attach(p, params, jax.random.key(1)))
+  s = 1.5
+  a1, b1 = _f64(tree["stacked_lora_a"]), _f64(tree["stacked_lora_b"])
+  y = np.tanh(np.einsum("lbd,ldf->lbf", _f64(x), _f64(params["stacked"]) + s * a1 @ b1))
+  w2 = _f64(params["w2"]) + s * (_f64(tree["w2_lora_a"]) @ _f64(tree["w2_lora_b"])).T
+  want = np.einsum("od,lbd->lbo", w2, y)
+  np.testing.assert_allclose(jax.jit(lj.unmerged(fn, p))(tree, x), want, rtol=1e-4, atol=1e-4)

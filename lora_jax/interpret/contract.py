@@ -39,9 +39,9 @@ def _dot_general(eqn, invals, ctx):
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
   if set(kc) == set(t.view_axes("i")):
-    first, second = "i", "o"
+    first = "i"
   elif set(kc) == set(t.view_axes("o")):
-    first, second = "o", "i"
+    first = "o"
   else:
     first = None
   if first is None or any(t.axes[j][0] != "s" for j in kb):
@@ -49,6 +49,45 @@ def _dot_general(eqn, invals, ctx):
   ctx.record(t.site, "dot_general")
   base = bind(eqn, [x, t.w] if kernel_is_rhs else [t.w, x])[0]
 
+  opts = dict(precision=eqn.params.get("precision"),
+              preferred_element_type=eqn.params.get("preferred_element_type"))
+  x = ctx.drop(x)
+  y = None
+  if kernel_is_rhs and not xb and not t.count("s"):
+    y = _low_rank_2d(x, t, xc, kc, first, opts)
+  if y is None:
+    y = _low_rank_einsum(x, t, xc, kc, xb, kb, kernel_is_rhs, first, opts)
+  return [base + y.astype(base.dtype)]
+
+
+def _low_rank_2d(x, t: Tracked, xc, kc, first: str, opts):
+  """`((x2·F1)·s)·F2` on x flattened to `(rows, fan)`, when x's contracted axes are its trailing
+  axes in the factor's order and the output axes come out in the other factor's order.
+
+  Two plain matmuls: XLA (CPU especially) compiles their gradients far better than a
+  contraction over several leading axes, which transposes whole activations.
+  """
+  n = len(xc)
+  order = [kc[xc.index(i)] for i in range(x.ndim - n, x.ndim)] if sorted(xc) == list(
+      range(x.ndim - n, x.ndim)) else None
+  if order is None or order != t.view_axes(first):
+    return None
+  second = "o" if first == "i" else "i"
+  free = [j for j in range(t.w.ndim) if j not in kc]
+  if free != t.view_axes(second):
+    return None
+  rank = t.a.shape[-1]
+  a = t.a.astype(t.w.dtype).reshape(-1, rank)  # (fan_in, r)
+  b = t.b.astype(t.w.dtype).reshape(rank, -1)  # (r, fan_out)
+  f1, f2 = (a, b) if first == "i" else (b.T, a.T)
+  rows = x.reshape(-1, f1.shape[0])
+  h = jnp.matmul(rows, f1, **opts)
+  y = jnp.matmul(h * jnp.asarray(t.scale, h.dtype), f2.astype(h.dtype), **opts)
+  return y.reshape(*x.shape[:x.ndim - n], *(t.w.shape[j] for j in free))
+
+
+def _low_rank_einsum(x, t: Tracked, xc, kc, xb, kb, kernel_is_rhs: bool, first: str, opts):
+  """The general case (batch dims, stack axes, any axis order) as two einsums."""
   letters = iter(string.ascii_letters)
   x_l = [next(letters) for _ in range(x.ndim)]
   k_l = [None] * t.w.ndim
@@ -69,15 +108,10 @@ def _dot_general(eqn, invals, ctx):
   out_l = [x_l[i] for i in xb] + (x_free + k_free if kernel_is_rhs else k_free + x_free)
 
   factors = {"i": (t.a, a_l), "o": (t.b, b_l)}
-  (f1, f1_l), (f2, f2_l) = factors[first], factors[second]
-  dtype = t.w.dtype
-  opts = dict(precision=eqn.params.get("precision"),
-              preferred_element_type=eqn.params.get("preferred_element_type"))
-  h = jnp.einsum(f"{''.join(x_l)},{''.join(f1_l)}->{''.join(h_l)}", ctx.drop(x), f1.astype(dtype),
-                 **opts)
+  (f1, f1_l), (f2, f2_l) = factors[first], factors["o" if first == "i" else "i"]
+  h = jnp.einsum(f"{''.join(x_l)},{''.join(f1_l)}->{''.join(h_l)}", x, f1.astype(t.w.dtype), **opts)
   h = h * jnp.asarray(t.scale, h.dtype)
-  y = jnp.einsum(f"{''.join(h_l)},{''.join(f2_l)}->{''.join(out_l)}", h, f2.astype(h.dtype), **opts)
-  return [base + y.astype(base.dtype)]
+  return jnp.einsum(f"{''.join(h_l)},{''.join(f2_l)}->{''.join(out_l)}", h, f2.astype(h.dtype), **opts)
 
 
 @rule(P.conv_general_dilated_p)
