@@ -225,6 +225,9 @@ def attach(plan: Any, variables: PyTree, key: jax.Array) -> PyTree:
   def siblings(path, key_, leaf):
     if path not in sites:
       return {}
+    if not isinstance(key_, str):
+      raise ValueError(f"lj.attach: {path}: the kernel sits in a list/tuple; its LoRA leaves need "
+                       "a dict (or NNX State) parent to sit beside it")
     s, a, b = sites[path]
     names = getattr(leaf, "names", None)
     a_names = b_names = None

@@ -109,3 +109,17 @@ def test_other_uses_are_materialised_reported_and_correct():
   tree = lj.combine(base, a)
   np.testing.assert_allclose(lj.unmerged(m.apply, p)(tree, x), lj.merged(m.apply, p)(tree, x),
                              rtol=1e-5)
+
+
+def test_static_python_arguments_stay_static():
+  def fn(params, x, *, double: bool):
+    y = x @ params["w"]
+    return 2 * y if double else y  # a Python branch: `double` must not be traced
+
+  params, x = {"w": jnp.ones((4, 3))}, jnp.ones((2, 4))
+  p = lj.plan(lj.LoraConfig(targets="w", rank=1), params, fn, (x,), {"double": True})
+  tree = lj.attach(p, params, jax.random.key(0))
+  tree["w_lora_b"] = jnp.ones((1, 3))
+  for double in (True, False):
+    np.testing.assert_allclose(lj.unmerged(fn, p)(tree, x, double=double),
+                               lj.merged(fn, p)(tree, x, double=double), rtol=1e-6)

@@ -115,3 +115,11 @@ def test_adapters_outside_the_plan_are_rejected():
   small = lj.plan(lj.LoraConfig(targets=r"params/Dense_0/kernel", rank=2), e.variables)
   with pytest.raises(ValueError, match=r"params/Dense_1/kernel_lora_a: LoRA leaf not in the plan"):
     lj.unmerged(e.fn, small)(tree, e.x)
+
+
+def test_kernel_in_a_list_is_refused_before_anything_is_built():
+  params = {"layers": [jnp.ones((4, 4)), jnp.ones((4, 4))]}
+  p = lj.plan(lj.LoraConfig(targets=r"layers/\d", rank=2), params)
+  assert p.paths == ("layers/0", "layers/1")
+  with pytest.raises(ValueError, match="layers/0: the kernel sits in a list/tuple"):
+    lj.attach(p, params, jax.random.key(0))
