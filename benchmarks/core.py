@@ -36,7 +36,6 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import flax

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 
-from .interpret import Context, Tracked, eval_jaxpr, materialize, trace
+from .interpret import Context, trace
 from .merge import merge
 from .plan import Plan, site_arrays
 from .tree import strip
@@ -41,16 +40,8 @@ def unmerged(fn: Callable, plan: Plan, dropout_key: jax.Array | None = None) -> 
 
   @functools.wraps(fn)
   def apply(tree, *args, **kwargs):
-    factors = site_arrays(plan, tree)
+    factors = {path: (a, b) for path, (_, a, b) in site_arrays(plan, tree).items()}
     traced = trace(fn, strip(tree), args, kwargs)
-    invals = list(traced.values)
-    for i, s in enumerate(plan.sites):
-      w, a, b = factors[s.path]
-      invals[traced.index(s.path)] = Tracked.from_kernel(w, a, b, s.layout, i, s.scale)
-    ctx = Context(plan.config.dropout, dropout_key)
-    closed = traced.jaxpr
-    outs = eval_jaxpr(closed.jaxpr, closed.consts, invals + traced.arg_values, ctx)
-    outs = [materialize(o, ctx, "returned") for o in outs]
-    return jax.tree_util.tree_unflatten(traced.out_tree, outs)
+    return traced.run(plan.sites, factors, Context(plan.config.dropout, dropout_key))
 
   return apply

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import LoraConfig
-from .interpret import Context, Tracked, eval_jaxpr, trace
+from .interpret import Context, trace
 from .interpret import layout as layout_lib
 from .tree import LORA_A, LORA_B, flatten, lora_paths, unbox
 
@@ -247,17 +247,10 @@ def _record_uses(plan_: Plan, traced) -> Plan:
       seen[site].append(use)
 
   def run(values, arg_values):
-    invals = list(values)
-    for i, s in enumerate(plan_.sites):
-      j = traced.index(s.path)
-      a, b = jnp.zeros(s.a_shape, jnp.float32), jnp.zeros(s.b_shape, jnp.float32)
-      invals[j] = Tracked.from_kernel(values[j], a, b, s.layout, i, s.scale)
-    closed = traced.jaxpr
-    outs = eval_jaxpr(closed.jaxpr, closed.consts, invals + list(arg_values), Context(record=record))
-    for o in outs:
-      if isinstance(o, Tracked):
-        record(o.site, "materialised (returned)")
-    return [o for o in outs if not isinstance(o, Tracked)]
+    zeros = {s.path: (jnp.zeros(s.a_shape, jnp.float32), jnp.zeros(s.b_shape, jnp.float32))
+             for s in plan_.sites}
+    traced_here = dataclasses.replace(traced, values=values, arg_values=arg_values)
+    return traced_here.run(plan_.sites, zeros, Context(record=record))
 
   jax.eval_shape(run, traced.values, traced.arg_values)
   sites = tuple(dataclasses.replace(s, use=tuple(seen[i]) or ("unused",))

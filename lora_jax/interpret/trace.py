@@ -10,6 +10,8 @@ import jax
 import numpy as np
 
 from ..tree import flatten, map_leaves, unbox, with_value
+from .core import Context, eval_jaxpr, materialize
+from .tracked import Tracked
 
 
 def is_array(x: Any) -> bool:
@@ -31,6 +33,17 @@ class Traced:
 
   def index(self, path: str) -> int:
     return self.paths.index(path)
+
+  def run(self, sites: Sequence[Any], factors: dict[str, tuple[Any, Any]], ctx: Context) -> Any:
+    """Evaluate the traced function with each site's kernel tracked with its `(A, B)`; returns
+    the function's output pytree (a kernel returned as-is comes back as `W + ΔW`)."""
+    invals = list(self.values)
+    for i, s in enumerate(sites):
+      j = self.index(s.path)
+      invals[j] = Tracked.from_kernel(invals[j], *factors[s.path], s.layout, i, s.scale)
+    outs = eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, invals + list(self.arg_values), ctx)
+    outs = [materialize(o, ctx, "returned") for o in outs]
+    return jax.tree_util.tree_unflatten(self.out_tree, outs)
 
 
 def trace(fn: Callable, variables: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Traced:
