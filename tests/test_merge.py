@@ -117,3 +117,38 @@ def test_unmerged_general_contractions_match_float64_math():
   w2 = _f64(params["w2"]) + s * (_f64(tree["w2_lora_a"]) @ _f64(tree["w2_lora_b"])).T
   want = np.einsum("od,lbd->lbo", w2, y)
   np.testing.assert_allclose(jax.jit(lj.unmerged(fn, p))(tree, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_kernels_reshaped_within_a_side_stay_low_rank():
+  # W (D, H*hd) viewed as (D, H, hd), and V (H, hd, D) flattened to (H*hd, D) before use.
+  def fn(p, x):
+    h = jnp.einsum("btd,dhk->bthk", x, p["w"].reshape(8, 2, 3))
+    return h.reshape(*h.shape[:2], 6) @ p["v"].reshape(6, 8)
+
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"w": jax.random.normal(k[0], (8, 6)), "v": jax.random.normal(k[1], (2, 3, 8))}
+  x = jax.random.normal(k[2], (2, 3, 8))
+  p = lj.plan(lj.LoraConfig(targets=".*", rank=2, alpha=2.0), params, fn, (x,))
+  assert [s.layout for s in p.sites] == [lj.Layout((), (0,), (1,)), lj.Layout((), (0, 1), (2,))]
+  assert all(s.use == ("dot_general",) for s in p.sites)
+  tree = _random_factors(lj.attach(p, params, jax.random.key(1)))
+  w = _f64(params["w"]) + _f64(tree["w_lora_a"]) @ _f64(tree["w_lora_b"])
+  v = _f64(params["v"]) + np.einsum("hkr,rd->hkd", _f64(tree["v_lora_a"]), _f64(tree["v_lora_b"]))
+  h = np.einsum("btd,dhk->bthk", _f64(x), w.reshape(8, 2, 3))
+  want = h.reshape(2, 3, 6) @ v.reshape(6, 8)
+  np.testing.assert_allclose(jax.jit(lj.unmerged(fn, p))(tree, x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_dtype_and_matches_merged():
+  import flax.linen as nn
+  model = nn.Dense(16, dtype=jnp.bfloat16)  # f32 params, bf16 compute (a cast on the kernel)
+  x = jax.random.normal(jax.random.key(0), (4, 32))
+  v = model.init(jax.random.key(1), x)
+  p = lj.plan(lj.LoraConfig(targets=".*/kernel", rank=4), v, model.apply, (x,))
+  assert p.sites[0].low_rank
+  tree = _random_factors(lj.attach(p, v, jax.random.key(2)))
+  y_u = jax.jit(lj.unmerged(model.apply, p))(tree, x)
+  y_m = jax.jit(lj.merged(model.apply, p))(tree, x)
+  assert y_u.dtype == y_m.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y_u, np.float32), np.asarray(y_m, np.float32),
+                             rtol=5e-2, atol=5e-2 * float(jnp.abs(y_m.astype(jnp.float32)).max()))
