@@ -11,11 +11,17 @@ from .plan import Plan, site_arrays
 from .tree import map_leaves, strip, with_value
 
 
+def _tracked(plan: Plan, tree: Any) -> dict[str, Tracked]:
+  """Every site's kernel with its factors, in the kernel's own axis order."""
+  arrays = site_arrays(plan, tree)
+  return {s.path: Tracked.from_kernel(*arrays[s.path], s.layout, i, s.scale)
+          for i, s in enumerate(plan.sites)}
+
+
 def delta(plan: Plan, tree: Any) -> dict[str, jax.Array]:
   """`{path: ΔW}` with `ΔW = scale · A·B` arranged in each kernel's own axis order (float32, or
   float64 for float64 kernels)."""
-  return {s.path: Tracked.from_kernel(w, a, b, s.layout, i, s.scale).delta()
-          for i, (s, (w, a, b)) in enumerate(zip(plan.sites, site_arrays(plan, tree).values()))}
+  return {path: t.delta() for path, t in _tracked(plan, tree).items()}
 
 
 def merge(plan: Plan, tree: Any) -> Any:
@@ -23,13 +29,13 @@ def merge(plan: Plan, tree: Any) -> Any:
 
   The sum is accumulated in float32 and cast once to W's dtype; a concrete W's sharding is kept.
   `jit`-compatible: `jax.jit(lj.merge, static_argnums=0, donate_argnums=1)` updates the kernels
-  in place (JAX then warns that the A/B buffers could not be reused: they have no output). To get the base back use `lj.strip(tree)`
-  on the LoRA tree: never subtract ΔW again (that drifts in bf16).
+  in place (JAX then warns that the A/B buffers could not be reused: they have no output). To get
+  the base back use `lj.strip(tree)` on the LoRA tree: never subtract ΔW (that drifts in bf16).
   """
   merged = {}
-  for i, (s, (w, a, b)) in enumerate(zip(plan.sites, site_arrays(plan, tree).values())):
-    new = Tracked.from_kernel(w, a, b, s.layout, i, s.scale).materialize()
-    if isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer):
-      new = jax.device_put(new, w.sharding)
-    merged[s.path] = new
+  for path, t in _tracked(plan, tree).items():
+    new = t.materialize()
+    if isinstance(t.w, jax.Array) and not isinstance(t.w, jax.core.Tracer):
+      new = jax.device_put(new, t.w.sharding)
+    merged[path] = new
   return map_leaves(lambda p, x: with_value(x, merged[p]) if p in merged else x, strip(tree))

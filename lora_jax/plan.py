@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import LoraConfig
-from .interpret import Context, trace
+from .interpret import Context, is_array, trace
 from .interpret import layout as layout_lib
 from .tree import LORA_A, LORA_B, flatten, lora_paths, unbox
 
@@ -199,7 +199,7 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
     raise ValueError(f"lj.plan: variables already carry LoRA leaves (e.g. {existing[0]!r}); "
                      "plan on the base (`lj.strip(tree)`)")
   leaves = {p: unbox(x) for p, x in flatten(variables).items()}
-  arrays = {p: x for p, x in leaves.items() if hasattr(x, "shape") and hasattr(x, "dtype")}
+  arrays = {p: x for p, x in leaves.items() if is_array(x)}
   selected = _select(config, arrays)
   kwargs = dict(kwargs or {})
 
