@@ -29,185 +29,22 @@ Targets: lora <= 0.75x full_ft, unmerged <= 1.05x base, merged <= 1.02x base.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from typing import Any
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 import lora_jax as lj
 
-TARGETS = r"params/block_\d+/(attn/(query|key|value|out)|fc1|fc2)/kernel"
-KINDS = ("query", "key", "value", "out", "fc1", "fc2")
-
-
-# ---------------------------------------------------------------------------------------------
-# The model: a compact pre-LN decoder-only LM (untied embedding / lm_head).
-# ---------------------------------------------------------------------------------------------
-
-class Block(nn.Module):
-  d_model: int
-  heads: int
-  mlp_ratio: int = 4
-
-  @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-    # MultiHeadDotProductAttention's projections are DenseGeneral layers named query/key/value/out:
-    # query/key/value kernels are (D, H, hd), the out kernel is (H, hd, D).
-    h = nn.LayerNorm(name="ln1")(x)
-    h = nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attn")(h, mask=mask)
-    x = x + h
-    h = nn.LayerNorm(name="ln2")(x)
-    h = nn.Dense(self.mlp_ratio * self.d_model, name="fc1")(h)
-    h = nn.gelu(h)
-    h = nn.Dense(self.d_model, name="fc2")(h)
-    return x + h
-
-
-class LM(nn.Module):
-  vocab: int
-  d_model: int
-  heads: int
-  layers: int
-  max_len: int
-
-  @nn.compact
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = nn.Embed(self.vocab, self.d_model, name="embed")(tokens)
-    pos = self.param("pos_embed", nn.initializers.normal(0.02), (self.max_len, self.d_model))
-    x = x + pos[: tokens.shape[1]]
-    mask = nn.make_causal_mask(tokens)
-    for i in range(self.layers):
-      x = Block(self.d_model, self.heads, name=f"block_{i}")(x, mask)
-    x = nn.LayerNorm(name="ln_f")(x)
-    return nn.Dense(self.vocab, use_bias=False, name="lm_head")(x)
-
-
-def xent(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """Next-token cross-entropy."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurement helpers
-# ---------------------------------------------------------------------------------------------
-
-def flops_of(compiled) -> float | None:
-  """Total FLOPs from `Compiled.cost_analysis()` (a dict, or a list of dicts on some versions)."""
-  try:
-    ca = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001  (some backends do not implement it)
-    return None
-  if ca is None:
-    return None
-  if isinstance(ca, dict):
-    ca = [ca]
-  total = sum(float(d.get("flops", 0.0)) for d in ca if d)
-  return total if total > 0 else None
-
-
-def cache_size(fn) -> int | None:
-  size = getattr(fn, "_cache_size", None)
-  return size() if callable(size) else None
-
-
-@dataclasses.dataclass
-class Variant:
-  """One timed function. `call()` runs it once on its current state and returns outputs to block
-  on; train steps feed their (donated) params and optimizer state back in."""
-  name: str
-  group: str
-  fn: Any  # the jitted function
-  args: list  # current arguments (updated in place for stateful train steps)
-  n_state: int = 0  # leading args that are donated state, replaced by the first outputs
-  flops: float | None = None
-  compile_s: float = 0.0
-  times: list = dataclasses.field(default_factory=list)  # wall seconds per call
-  cpu_times: list = dataclasses.field(default_factory=list)  # process CPU seconds (all threads)
-
-  def call(self):
-    out = self.fn(*self.args)
-    if self.n_state:
-      self.args[: self.n_state] = list(out[: self.n_state])
-    return out
-
-
-def compile_variant(v: Variant) -> None:
-  t0 = time.perf_counter()
-  compiled = v.fn.lower(*v.args).compile()
-  v.flops = flops_of(compiled)
-  jax.block_until_ready(v.call())  # warm up through the jit cache (compiles the callable path)
-  jax.block_until_ready(v.call())
-  v.compile_s = time.perf_counter() - t0
-
-
-def time_interleaved(variants: list[Variant], reps: int, prime: bool = True) -> None:
-  """A B C, B C A, C A B, ...: each rep times every variant once (`block_until_ready` on the
-  outputs), rotating the order so that no variant always runs first or after the same neighbour.
-
-  With `prime`, every timed call is preceded by one untimed call of the same variant. On this
-  CPU a call that directly follows a variant which allocates and frees a lot of memory (e.g.
-  merge+forward, which builds a full merged copy of the weights) runs ~5% slower; an identical
-  function with identical arguments measured 0.95x "itself" without priming. Priming charges
-  each variant only for its own work.
-
-  Besides wall time, the process CPU time of each call is recorded: on a shared machine it is
-  less sensitive to other processes competing for the cores than wall time is.
-  """
-  for rep in range(reps):
-    k = rep % len(variants)
-    for v in variants[k:] + variants[:k]:
-      if prime:
-        jax.block_until_ready(v.call())
-      c0, t0 = time.process_time(), time.perf_counter()
-      jax.block_until_ready(v.call())
-      v.times.append(time.perf_counter() - t0)
-      v.cpu_times.append(time.process_time() - c0)
-
-
-def median_ms(v: Variant) -> float:
-  return 1e3 * statistics.median(v.times)
-
-
-def median_cpu_ms(v: Variant) -> float:
-  return 1e3 * statistics.median(v.cpu_times)
-
-
-# ---------------------------------------------------------------------------------------------
-# Machine description
-# ---------------------------------------------------------------------------------------------
-
-def machine() -> dict[str, Any]:
-  cpu = platform.processor() or "unknown"
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
-          "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or _jaxlib(),
-          "flax": flax.__version__, "optax": optax.__version__, "lora_jax": lj.__version__}
-
-
-def _jaxlib() -> str | None:
-  try:
-    import jaxlib
-    return jaxlib.__version__
-  except Exception:  # noqa: BLE001
-    return None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (TARGETS, Variant, add_model_args, build, cache_size, check_model_args,  # noqa: E402
+                    compile_variant, copy_tree, format_table, machine, median_cpu_ms, median_ms,
+                    time_interleaved, xent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,35 +54,19 @@ def _jaxlib() -> str | None:
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--layers", type=int, default=6)
-  p.add_argument("--d-model", type=int, default=512)
-  p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--vocab", type=int, default=8192)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--rank", type=int, default=8)
-  p.add_argument("--alpha", type=float, default=16.0)
-  p.add_argument("--lr", type=float, default=1e-4)
+  add_model_args(p)
   p.add_argument("--reps", type=int, default=10, help="timed calls per variant (>= 5)")
   p.add_argument("--forward-reps", type=int, default=None,
                  help="timed calls per forward variant (default: 3 x --reps; forwards are cheap "
                       "and their targets are tight)")
-  p.add_argument("--no-prime", action="store_true",
-                 help="do not precede each timed call with an untimed call of the same variant")
-  p.add_argument("--quick", action="store_true",
-                 help="tiny model (2 layers, d=64, vocab 256, batch 2, seq 32) for a smoke run")
   p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                "core_results.json"))
   args = p.parse_args(argv)
-  if args.quick:
-    args.layers, args.d_model, args.heads, args.vocab = 2, 64, 4, 256
-    args.batch, args.seq, args.rank = 2, 32, 4
+  check_model_args(p, args)
   if args.forward_reps is None:
     args.forward_reps = 3 * args.reps
   if args.reps < 5 or args.forward_reps < 5:
     p.error("--reps and --forward-reps must be >= 5")
-  if args.d_model % args.heads:
-    p.error("--d-model must be divisible by --heads")
   return args
 
 
@@ -260,34 +81,10 @@ def main(argv=None) -> dict[str, Any]:
         f"LoRA r={args.rank}, alpha={args.alpha:g}; AdamW lr={args.lr:g}; "
         f"reps={args.reps} (train) / {args.forward_reps} (forward)")
 
-  model = LM(args.vocab, args.d_model, args.heads, args.layers, args.seq)
-  k_init, k_tok, k_lora = jax.random.split(jax.random.key(0), 3)
-  tokens = jax.random.randint(k_tok, (args.batch, args.seq), 0, args.vocab, jnp.int32)
-  variables = jax.jit(model.init)(k_init, tokens)
+  setup = build(args)
+  model, tokens, variables, plan, tree = (setup.model, setup.tokens, setup.variables, setup.plan,
+                                          setup.tree)
   apply = model.apply
-
-  # --- the plan: exactly the 6 kernel kinds in every layer, all kept factored (dot_general) ---
-  config = lj.LoraConfig(targets=TARGETS, rank=args.rank, alpha=args.alpha)
-  plan = lj.plan(config, variables, apply, args=(tokens,))
-  print("\nplan:")
-  print(plan)
-  want = {f"params/block_{i}/{'attn/' if k in ('query', 'key', 'value', 'out') else ''}{k}/kernel"
-          for i in range(args.layers) for k in KINDS}
-  if set(plan.paths) != want:
-    raise SystemExit(f"plan selects the wrong kernels: extra {sorted(set(plan.paths) - want)}, "
-                     f"missing {sorted(want - set(plan.paths))}")
-  not_factored = [s.path for s in plan.sites if s.use != ("dot_general",)]
-  if not_factored:
-    raise SystemExit(f"sites not kept factored as a single dot_general: "
-                     f"{[(p, plan.site(p).use) for p in not_factored]}")
-  print(f"check: {len(plan.sites)} sites = {args.layers} layers x {len(KINDS)} kinds, "
-        "every use 'dot_general' (nothing materialised)")
-
-  tree = lj.attach(plan, variables, k_lora)
-  # B = 0 at init; make it non-zero so the merged / unmerged checks below compare real LoRA terms
-  # (the A, B leaves are runtime inputs either way, so nothing can be constant-folded).
-  tree = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 1e-3 if jax.tree_util.keystr(p).endswith("_lora_b']") else x, tree)
   adapters, base = lj.split(tree)
   unmerged_apply = lj.unmerged(apply, plan)
   tx = optax.adamw(args.lr)
@@ -312,10 +109,9 @@ def main(argv=None) -> dict[str, Any]:
     updates, opt_state = tx_frozen.update(grads, opt_state, tree)
     return optax.apply_updates(tree, updates), opt_state, loss
 
-  copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)  # donated buffers must not be shared
-  full_params = copy(variables)
-  lora_adapters = copy(adapters)
-  frozen_tree = copy(tree)
+  full_params = copy_tree(variables)
+  lora_adapters = copy_tree(adapters)
+  frozen_tree = copy_tree(tree)
   train = [
       Variant("full_ft", "train", jax.jit(full_step, donate_argnums=(0, 1)),
               [full_params, tx.init(full_params), tokens], n_state=2),
@@ -347,8 +143,8 @@ def main(argv=None) -> dict[str, Any]:
   print("\ncompiling + warming up ...", flush=True)
   for v in variants:
     compile_variant(v)
-    print(f"  {v.name:<14} {v.compile_s:6.1f} s   flops={v.flops:.4g}" if v.flops
-          else f"  {v.name:<14} {v.compile_s:6.1f} s   flops=n/a", flush=True)
+    print(f"  {v.name:<14} {v.warmup_s:6.1f} s   flops={v.flops:.4g}" if v.flops
+          else f"  {v.name:<14} {v.warmup_s:6.1f} s   flops=n/a", flush=True)
   sizes_before = {v.name: cache_size(v.fn) for v in variants}
 
   print(f"\ntiming {args.reps} interleaved reps of the train steps, {args.forward_reps} of the "
@@ -392,7 +188,7 @@ def main(argv=None) -> dict[str, Any]:
         "median_cpu_ms": median_cpu_ms(v), "cpu_times_ms": [1e3 * t for t in v.cpu_times],
         "cpu_ratio": c_ratio,
         "flops": v.flops, "flop_ratio": f_ratio, "target": target,
-        "met": None if target is None else bool(t_ratio <= target), "compile_s": v.compile_s})
+        "met": None if target is None else bool(t_ratio <= target), "compile_s": v.warmup_s})
 
   # --- the table ----------------------------------------------------------------------------
   head = ("variant", "vs", "median ms", "min..max ms", "time ratio", "cpu ratio", "GFLOP",
@@ -407,16 +203,8 @@ def main(argv=None) -> dict[str, Any]:
         f"{r['flop_ratio']:.3f}x" if r["flop_ratio"] is not None else "n/a",
         f"<= {r['target']:.2f}x" if r["target"] is not None else "-",
         "-" if r["met"] is None else ("yes" if r["met"] else "NO")))
-  widths = [max(len(str(x[i])) for x in [head, *lines]) for i in range(len(head))]
-  fmt = lambda row: "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w)
-                              for i, (c, w) in enumerate(zip(row, widths)))
   print()
-  print(fmt(head))
-  print(fmt(["-" * w for w in widths]))
-  for i, line in enumerate(lines):
-    if i == 3:
-      print(fmt(["-" * w for w in widths]))
-    print(fmt(line))
+  print(format_table(head, lines, rules_before=(3,)))
   print(f"\nLoRA step FLOP limit for reference: ~0.69x of full fine-tuning "
         f"(measured FLOP ratio {results[1]['flop_ratio']:.3f}x)" if results[1]["flop_ratio"]
         else "")
