@@ -1,0 +1,286 @@
+"""Adapter checkpoints (save_adapter / load_adapter) and training checkpoints (TrainingCheckpointer)."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import lora_jax as lj
+from lora_jax import checkpoint as ckpt_lib
+import zoo
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def _randomise_b(tree, key):
+  """Nonzero B (attach gives B = 0), so outputs and checksums really depend on every factor."""
+  paths = [p for p in lj.tree.lora_paths(tree) if p.endswith("_lora_b")]
+  values = {p: 0.1 * jax.random.normal(jax.random.fold_in(key, i), jnp.shape(lj.tree.unbox(x)))
+            for i, (p, x) in enumerate(lj.tree.flatten(tree).items()) if p in paths}
+  return lj.tree.map_leaves(lambda p, x: lj.tree.with_value(x, values[p]) if p in values else x, tree)
+
+
+def _trained(name, **cfg):
+  e = zoo.entries()[name]
+  plan = lj.plan(lj.LoraConfig(**{"targets": e.targets, "rank": 2, **cfg}), e.variables,
+                 apply_fn=e.fn, args=(e.x,))
+  return e, plan, _randomise_b(lj.attach(plan, e.variables, jax.random.key(1)), jax.random.key(2))
+
+
+def _leaves(tree):
+  return {p: np.asarray(lj.tree.unbox(x)) for p, x in lj.tree.flatten(tree).items()}
+
+
+def _assert_bit_identical(got, want):
+  g, w = _leaves(got), _leaves(want)
+  assert list(g) == list(w)
+  for p in w:
+    assert g[p].dtype == w[p].dtype and np.array_equal(g[p], w[p]), p
+
+
+@pytest.mark.parametrize("name", ["attention_block", "scan_remat", "nnx", "plain_transposed"])
+def test_round_trip_bit_identical_adapters_and_outputs(tmp_path, name):
+  e, plan, tree = _trained(name, alpha=3.0, dropout=0.1, scaling="rslora")
+  lj.save_adapter(tmp_path / "a", plan, tree)
+  loaded, plan2 = lj.load_adapter(tmp_path / "a", e.variables)
+  assert plan2 == plan  # sites, layouts, ranks, alphas, scaling, dropout: all from the checkpoint
+  assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(tree)
+  _assert_bit_identical(loaded, tree)
+  fn = jax.jit(lj.unmerged(e.fn, plan))
+  assert np.array_equal(fn(loaded, e.x), fn(tree, e.x))
+  # the adapter matters: the loaded outputs differ from the base's
+  assert not np.allclose(fn(loaded, e.x), e.fn(e.variables, e.x), atol=1e-4)
+
+
+def test_partitioned_boxes_are_kept(tmp_path):
+  class Sharded(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      init = nn.with_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp"))
+      return nn.Dense(16, kernel_init=init)(x)
+
+  x = jnp.ones((2, 8))
+  variables = Sharded().init(jax.random.key(0), x)
+  plan = lj.plan(lj.LoraConfig(targets=".*/kernel", rank=2), variables)
+  tree = _randomise_b(lj.attach(plan, variables, jax.random.key(1)), jax.random.key(2))
+  lj.save_adapter(tmp_path, plan, tree)
+  loaded, _ = lj.load_adapter(tmp_path, variables)
+  a, b = loaded["params"]["Dense_0"]["kernel_lora_a"], loaded["params"]["Dense_0"]["kernel_lora_b"]
+  assert isinstance(a, nn.Partitioned) and a.names == ("embed", None)
+  assert isinstance(b, nn.Partitioned) and b.names == (None, "mlp")
+  _assert_bit_identical(loaded, tree)
+
+
+def test_nnx_state_gets_params_back(tmp_path):
+  e, plan, tree = _trained("nnx")
+  lj.save_adapter(tmp_path, plan, tree)
+  loaded, _ = lj.load_adapter(tmp_path, e.variables)
+  assert isinstance(loaded["l1"]["kernel_lora_a"], nnx.Param)
+  assert isinstance(loaded, type(e.variables))
+
+
+def test_metadata_describes_the_adapter_and_no_base_weight_is_written(tmp_path):
+  e, plan, tree = _trained("attention_block")
+  lj.save_adapter(tmp_path, plan, tree)
+  meta = ckpt_lib.read_metadata(tmp_path)
+  assert meta["lora_jax_version"] == lj.__version__
+  assert lj.Plan.from_dict(meta["plan"]) == plan
+  kernels = lj.tree.flatten(e.variables)
+  assert meta["base_fingerprint"] == [{"path": s.path, "shape": list(kernels[s.path].shape),
+                                       "dtype": "float32"} for s in plan.sites]
+  want = {p: x for p, x in _leaves(tree).items() if p.endswith(("_lora_a", "_lora_b"))}
+  assert [l["path"] for l in meta["leaves"]] == list(want)
+  assert meta["raw_bytes"] == sum(x.nbytes for x in want.values())
+  # the orbax item holds exactly the LoRA leaves
+  import orbax.checkpoint as ocp
+  version = tmp_path / (tmp_path / "LATEST").read_text()
+  stored = ocp.StandardCheckpointer().restore(version / "lora")
+  assert sorted(lj.tree.flatten(stored)) == sorted(want)
+
+
+def test_size_on_disk_is_the_raw_adapter_bytes(tmp_path):
+  # base 2 x (1024 x 2048) f32 = 16 MiB; rank-64 adapters ~ 2.4 MiB of random (incompressible) f32
+  k = jax.random.split(jax.random.key(0), 2)
+  base = {"l1": {"kernel": jax.random.normal(k[0], (1024, 2048))},
+          "l2": {"kernel": jax.random.normal(k[1], (2048, 1024))}}
+  plan = lj.plan(lj.LoraConfig(targets=".*/kernel", rank=64), base)
+  tree = _randomise_b(lj.attach(plan, base, jax.random.key(1)), jax.random.key(2))
+  lj.save_adapter(tmp_path, plan, tree)
+  raw = sum(x.nbytes for p, x in _leaves(tree).items() if "_lora_" in p)
+  disk = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
+  assert raw > 2**20
+  assert disk <= 1.02 * raw + 64 * 1024, (disk, raw)
+  assert disk >= 0.9 * raw  # random data does not compress: the leaves really are on disk
+
+
+def _base_fingerprint_snapshot(tree):
+  return jax.tree_util.tree_structure(tree), [id(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_wrong_base_names_path_and_both_shapes_and_leaves_base_untouched(tmp_path):
+  e, plan, tree = _trained("mlp")
+  lj.save_adapter(tmp_path, plan, tree)
+  wrong = {"params": {**e.variables["params"], "Dense_1": {"kernel": jnp.zeros((48, 40)),
+                                                           "bias": jnp.zeros(40)}}}
+  before = _base_fingerprint_snapshot(wrong)
+  with pytest.raises(ValueError, match=r"params/Dense_1/kernel: .*shape \(48, 48\).*has shape \(48, 40\)"):
+    lj.load_adapter(tmp_path, wrong)
+  assert _base_fingerprint_snapshot(wrong) == before
+  missing = {"params": {k: v for k, v in e.variables["params"].items() if k != "Dense_2"}}
+  with pytest.raises(ValueError, match=r"params/Dense_2/kernel: .*no leaf at this path"):
+    lj.load_adapter(tmp_path, missing)
+  with pytest.raises(ValueError, match="already carries LoRA leaves"):
+    lj.load_adapter(tmp_path, tree)
+
+
+def test_loading_onto_a_bfloat16_base_keeps_factors_and_reports_base_dtype(tmp_path):
+  e, plan, tree = _trained("mlp")
+  lj.save_adapter(tmp_path, plan, tree)
+  bf16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), e.variables)
+  loaded, plan2 = lj.load_adapter(tmp_path, bf16)
+  assert {s.dtype for s in plan2.sites} == {"bfloat16"}
+  assert loaded["params"]["Dense_0"]["kernel_lora_a"].dtype == jnp.float32
+  assert np.array_equal(loaded["params"]["Dense_0"]["kernel_lora_b"],
+                        tree["params"]["Dense_0"]["kernel_lora_b"])
+
+
+def _data_files(directory):
+  version = directory / (directory / "LATEST").read_text()
+  return sorted((f for f in (version / "lora").rglob("*") if f.is_file() and "/d/" in str(f)),
+                key=lambda f: f.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["no_pointer", "bad_pointer", "no_metadata", "garbled_metadata",
+                                    "truncated_arrays", "garbled_arrays", "deleted_arrays",
+                                    "checksum_mismatch"])
+def test_damaged_checkpoint_fails_clearly(tmp_path, damage):
+  e, plan, tree = _trained("mlp")
+  d = tmp_path / "ckpt"
+  lj.save_adapter(d, plan, tree)
+  version = d / (d / "LATEST").read_text()
+  biggest = _data_files(d)[-1]
+  if damage == "no_pointer":
+    (d / "LATEST").unlink()
+  elif damage == "bad_pointer":
+    (d / "LATEST").write_text("adapter-99")
+  elif damage == "no_metadata":
+    (version / "lora_jax" / "metadata").unlink()
+  elif damage == "garbled_metadata":
+    (version / "lora_jax" / "metadata").write_text('{"format": "lora_jax.adapter/1", "plan"')
+  elif damage == "truncated_arrays":
+    biggest.write_bytes(biggest.read_bytes()[: biggest.stat().st_size // 2])
+  elif damage == "garbled_arrays":
+    raw = bytearray(biggest.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 16):
+      raw[i] ^= 0x5A
+    biggest.write_bytes(bytes(raw))
+  elif damage == "checksum_mismatch":  # arrays that read fine but are not what was saved
+    meta = json.loads((version / "lora_jax" / "metadata").read_text())
+    meta["leaves"][3]["checksum"] ^= 1
+    (version / "lora_jax" / "metadata").write_text(json.dumps(meta))
+  elif damage == "deleted_arrays":
+    for f in _data_files(d):
+      f.unlink()
+  before = _base_fingerprint_snapshot(e.variables)
+  with pytest.raises(lj.CheckpointError, match=re.escape(str(d))):
+    lj.load_adapter(d, e.variables)
+  assert _base_fingerprint_snapshot(e.variables) == before
+
+
+def test_crash_mid_save_leaves_previous_checkpoint_readable(tmp_path, monkeypatch):
+  e, plan, old = _trained("mlp")
+  new = _randomise_b(old, jax.random.key(7))
+  lj.save_adapter(tmp_path, plan, old)
+
+  def crash(*args, **kwargs):
+    raise KeyboardInterrupt("simulated crash")
+
+  # 1. crash after the new arrays are written, before the pointer swap
+  monkeypatch.setattr(ckpt_lib, "_replace_pointer", crash)
+  with pytest.raises(KeyboardInterrupt):
+    lj.save_adapter(tmp_path, plan, new)
+  monkeypatch.undo()
+  _assert_bit_identical(lj.load_adapter(tmp_path, e.variables)[0], old)
+  # 2. crash inside orbax, while the arrays are being written
+  import orbax.checkpoint as ocp
+  monkeypatch.setattr(ocp.args, "JsonSave", crash)
+  with pytest.raises(KeyboardInterrupt):
+    lj.save_adapter(tmp_path, plan, new)
+  monkeypatch.undo()
+  _assert_bit_identical(lj.load_adapter(tmp_path, e.variables)[0], old)
+  # 3. the next save succeeds and clears the leftovers of the crashed ones
+  lj.save_adapter(tmp_path, plan, new)
+  _assert_bit_identical(lj.load_adapter(tmp_path, e.variables)[0], new)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", (tmp_path / "LATEST").read_text()]
+
+
+def test_save_refuses_foreign_directory_and_mismatched_tree(tmp_path):
+  e, plan, tree = _trained("mlp")
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="notes.txt"):
+    lj.save_adapter(tmp_path, plan, tree)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+  bad = jax.tree_util.tree_map(lambda x: x, tree)
+  bad["params"]["Dense_1"]["kernel_lora_b"] = jnp.zeros((3, 48))
+  with pytest.raises(ValueError, match=r"params/Dense_1/kernel_lora_b: shape \(3, 48\)"):
+    lj.save_adapter(tmp_path / "x", plan, bad)
+  assert not (tmp_path / "x").exists()
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+  import sys, jax, jax.numpy as jnp, numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  import lora_jax as lj
+  d = sys.argv[1]
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
+  put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+  k = jax.random.split(jax.random.key(0), 3)
+  base = {"dense": {"kernel": put(jax.random.normal(k[0], (8, 12)), "data", "model")},
+          "stack": {"kernel": put(jax.random.normal(k[1], (2, 8, 4, 6)), "data", None, "model")}}
+  fn = lambda v, x: jnp.einsum("lbd,ldhk->lbhk", jnp.stack([(x @ v["dense"]["kernel"])[:, :8]] * 2),
+                               v["stack"]["kernel"])
+  x = jnp.ones((3, 8))
+  plan = lj.plan(lj.LoraConfig(targets=".*/kernel", rank=2), base, apply_fn=fn, args=(x,))
+  assert plan.site("stack/kernel").layout == lj.Layout((0,), (1,), (2, 3)), plan
+  host = {p: jax.device_get(v) for p, v in lj.tree.flatten(base).items()}
+  tree = lj.attach(plan, {"dense": {"kernel": host["dense/kernel"]},
+                          "stack": {"kernel": host["stack/kernel"]}}, jax.random.key(1))
+  tree["dense"]["kernel_lora_b"] = jnp.full((2, 12), 0.5)
+  lj.save_adapter(d, plan, tree)
+  loaded, _ = lj.load_adapter(d, base)
+  for p, x in lj.tree.flatten(loaded).items():
+    if "_lora_" in p:
+      print(p, tuple(x.sharding.spec), x.addressable_shards[0].data.shape,
+            np.array_equal(x, lj.tree.flatten(tree)[p]))
+  rep = NamedSharding(mesh, P())
+  loaded, _ = lj.load_adapter(d, base, shardings={"dense/kernel_lora_a": rep})
+  print("given", tuple(loaded["dense"]["kernel_lora_a"].sharding.spec),
+        tuple(loaded["dense"]["kernel_lora_b"].sharding.spec))
+""")
+
+
+def test_restore_places_factors_like_their_kernels(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT, str(tmp_path / "a")], env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.strip().splitlines()
+  # A: kernel's specs on stack+in axes, rank replicated; B: stack + rank (replicated) + out axes
+  assert lines == [
+      "dense/kernel_lora_a ('data', None) (4, 2) True",
+      "dense/kernel_lora_b (None, 'model') (2, 6) True",
+      "stack/kernel_lora_a ('data', None, None) (1, 8, 2) True",
+      "stack/kernel_lora_b ('data', None, 'model', None) (1, 2, 2, 6) True",
+      "given () (None, 'model')",
+  ], out.stdout
