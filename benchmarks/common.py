@@ -157,6 +157,39 @@ def copy_tree(tree: Any) -> Any:
   return jax.tree_util.tree_map(jnp.copy, tree)
 
 
+def full_step(apply: Callable, tx: optax.GradientTransformation) -> Callable:
+  """`(params, opt_state, tokens) -> (params, opt_state, loss)`: full fine-tuning."""
+  def step(params, opt_state, tokens):
+    loss, grads = jax.value_and_grad(lambda p: xent(apply(p, tokens), tokens))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
+def lora_step(apply: Callable, plan: lj.Plan, tx: optax.GradientTransformation) -> Callable:
+  """`(adapters, opt_state, base, tokens) -> (adapters, opt_state, loss)`: gradients for the
+  adapters of `lj.split` only, through `lj.unmerged`; `tx` on the adapters."""
+  def step(adapters, opt_state, base, tokens):
+    def loss_fn(ad):
+      return xent(lj.unmerged(apply, plan)(lj.combine(base, ad), tokens), tokens)
+    loss, grads = jax.value_and_grad(loss_fn)(adapters)
+    updates, opt_state = tx.update(grads, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state, loss
+  return step
+
+
+def frozen_step(apply: Callable, plan: lj.Plan, tx_frozen: optax.GradientTransformation) -> Callable:
+  """`(tree, opt_state, tokens) -> (tree, opt_state, loss)`: gradients over the whole LoRA tree
+  through `lj.unmerged`, `tx_frozen = lj.freeze_base(tx, tree)`."""
+  unmerged_apply = lj.unmerged(apply, plan)
+
+  def step(tree, opt_state, tokens):
+    loss, grads = jax.value_and_grad(lambda t: xent(unmerged_apply(t, tokens), tokens))(tree)
+    updates, opt_state = tx_frozen.update(grads, opt_state, tree)
+    return optax.apply_updates(tree, updates), opt_state, loss
+  return step
+
+
 # ---------------------------------------------------------------------------------------------
 # Measurement helpers
 # ---------------------------------------------------------------------------------------------

@@ -43,8 +43,8 @@ import lora_jax as lj
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (TARGETS, Variant, add_model_args, build, cache_size, check_model_args,  # noqa: E402
-                    compile_variant, copy_tree, format_table, machine, median_cpu_ms, median_ms,
-                    time_interleaved, xent)
+                    compile_variant, copy_tree, format_table, frozen_step, full_step, lora_step,
+                    machine, median_cpu_ms, median_ms, time_interleaved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,34 +90,16 @@ def main(argv=None) -> dict[str, Any]:
   tx = optax.adamw(args.lr)
 
   # --- train steps --------------------------------------------------------------------------
-  def full_step(params, opt_state, tokens):
-    loss, grads = jax.value_and_grad(lambda p: xent(apply(p, tokens), tokens))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  def lora_step(adapters, opt_state, base, tokens):
-    def loss_fn(ad):
-      return xent(lj.unmerged(apply, plan)(lj.combine(base, ad), tokens), tokens)
-    loss, grads = jax.value_and_grad(loss_fn)(adapters)
-    updates, opt_state = tx.update(grads, opt_state, adapters)
-    return optax.apply_updates(adapters, updates), opt_state, loss
-
   tx_frozen = lj.freeze_base(tx, tree)
-
-  def frozen_step(tree, opt_state, tokens):
-    loss, grads = jax.value_and_grad(lambda t: xent(unmerged_apply(t, tokens), tokens))(tree)
-    updates, opt_state = tx_frozen.update(grads, opt_state, tree)
-    return optax.apply_updates(tree, updates), opt_state, loss
-
   full_params = copy_tree(variables)
   lora_adapters = copy_tree(adapters)
   frozen_tree = copy_tree(tree)
   train = [
-      Variant("full_ft", "train", jax.jit(full_step, donate_argnums=(0, 1)),
+      Variant("full_ft", "train", jax.jit(full_step(apply, tx), donate_argnums=(0, 1)),
               [full_params, tx.init(full_params), tokens], n_state=2),
-      Variant("lora", "train", jax.jit(lora_step, donate_argnums=(0, 1)),
+      Variant("lora", "train", jax.jit(lora_step(apply, plan, tx), donate_argnums=(0, 1)),
               [lora_adapters, tx.init(lora_adapters), base, tokens], n_state=2),
-      Variant("freeze_base", "train", jax.jit(frozen_step, donate_argnums=(0, 1)),
+      Variant("freeze_base", "train", jax.jit(frozen_step(apply, plan, tx_frozen), donate_argnums=(0, 1)),
               [frozen_tree, tx_frozen.init(frozen_tree), tokens], n_state=2),
   ]
 
