@@ -1,0 +1,346 @@
+"""PEFT import/export: round trips, the safetensors codec, and interop with PyTorch PEFT itself."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from lora_jax import _safetensors
+
+KEY_MAP = lj.peft_key_map.linen(scanned=("layers",))
+
+
+class Layer(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return jnp.tanh(nn.Dense(8, name="fc")(h)), None
+
+
+class Net(nn.Module):
+  """fc1 (8,16); query (16,2,4) used as Linear(16, 8); a scanned stack layers/fc (3,8,8); head (8,5)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(16, name="fc1")(x))
+    h = nn.DenseGeneral((2, 4), name="query")(h).reshape(*x.shape[:-1], 8)
+    h, _ = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=3)(name="layers")(h, None)
+    return nn.Dense(5, name="head")(h)
+
+
+def _random_factors(tree, seed):
+  adapters, base = lj.split(tree)
+  leaves, treedef = jax.tree_util.tree_flatten(adapters)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  return lj.combine(base, jax.tree_util.tree_unflatten(treedef, leaves))
+
+
+def _init(model, batch, seed):
+  x = jax.random.normal(jax.random.key(seed), (batch, 8))
+  return model, model.init(jax.random.key(seed + 1), x), x
+
+
+@pytest.fixture(scope="module")
+def net():
+  return _init(Net(), 4, seed=0)
+
+
+def _adapted(net, scaling):
+  model, variables, x = net
+  config = lj.LoraConfig(targets=r"params/(fc1|query|layers/fc|head)/kernel", rank=2, alpha=4.0,
+                         rank_pattern={r".*head.*": 3}, alpha_pattern={r".*query.*": 5.0},
+                         scaling=scaling)
+  plan = lj.plan(config, variables, apply_fn=model.apply, args=(x,))
+  return plan, _random_factors(lj.attach(plan, variables, jax.random.key(2)), seed=3)
+
+
+def _site_fields(plan):
+  return [(s.path, s.shape, s.layout, s.rank, s.alpha, s.scale) for s in plan.sites]
+
+
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_export_import_round_trip_is_bit_identical(net, tmp_path, scaling):
+  model, variables, x = net
+  plan, tree = _adapted(net, scaling)
+  lj.export_peft(tmp_path, plan, tree, key_map=KEY_MAP)
+  got, got_plan = lj.import_peft(tmp_path, variables, key_map=KEY_MAP, apply_fn=model.apply,
+                                 args=(x,))
+  assert _site_fields(got_plan) == _site_fields(plan)
+  assert got_plan.config.scaling == scaling
+  want_leaves, got_leaves = lj.split(tree)[0], lj.split(got)[0]
+  assert jax.tree_util.tree_structure(got_leaves) == jax.tree_util.tree_structure(want_leaves)
+  for w, g in zip(jax.tree_util.tree_leaves(want_leaves), jax.tree_util.tree_leaves(got_leaves)):
+    assert g.dtype == w.dtype and np.array_equal(np.asarray(g), np.asarray(w))
+  y = lj.unmerged(model.apply, plan)(tree, x)
+  assert np.array_equal(np.asarray(lj.unmerged(model.apply, got_plan)(got, x)), np.asarray(y))
+  assert not np.allclose(np.asarray(y), np.asarray(model.apply(variables, x)), atol=1e-3)
+
+
+def test_export_writes_peft_layout(net, tmp_path):
+  """Key names, transposes, flattening of (16,2,4) and one module per scanned layer, by hand."""
+  plan, tree = _adapted(net, "standard")
+  lj.export_peft(tmp_path, plan, tree, key_map=KEY_MAP, base_model_name_or_path="toy")
+  tensors, _ = _safetensors.load(tmp_path / "adapter_model.safetensors")
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  p = {k: np.asarray(v) for k, v in tree["params"]["query"].items()}
+  pre = "base_model.model."
+  np.testing.assert_array_equal(tensors[pre + "query.lora_A.weight"], p["kernel_lora_a"].T)
+  np.testing.assert_array_equal(tensors[pre + "query.lora_B.weight"],
+                                p["kernel_lora_b"].reshape(2, 8).T)
+  stack = {k: np.asarray(v) for k, v in tree["params"]["layers"]["fc"].items()}
+  for layer in range(3):
+    np.testing.assert_array_equal(tensors[f"{pre}layers.{layer}.fc.lora_A.weight"],
+                                  stack["kernel_lora_a"][layer].T)
+    np.testing.assert_array_equal(tensors[f"{pre}layers.{layer}.fc.lora_B.weight"],
+                                  stack["kernel_lora_b"][layer].T)
+  assert tensors[pre + "head.lora_A.weight"].shape == (3, 8)
+  assert len(tensors) == 2 * 6
+  assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "toy"
+  assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (2, 4, False)
+  assert config["rank_pattern"] == {"head": 3} and config["alpha_pattern"] == {"query": 5}
+  assert config["target_modules"] == sorted(["fc1", "query", "head"] +
+                                            [f"layers.{i}.fc" for i in range(3)])
+
+
+def test_patterns_resolve_like_peft_for_suffix_names():
+  """A module `fc` and a module `b.fc` with different ranks: PEFT matches pattern keys as dotted
+  suffixes, so `b.fc` needs its own entry before `fc`."""
+  from lora_jax.peft import _patterns, _peft_lookup
+  values = {"fc": 4, "b.fc": 8, "a.fc": 8, "c": 8}
+  default, pattern = _patterns(values)
+  assert default == 8
+  assert {m: _peft_lookup(pattern, default, m) for m in values} == values
+
+
+def test_safetensors_codec_matches_the_package(tmp_path):
+  st = pytest.importorskip("safetensors.numpy")
+  rng = np.random.default_rng(0)
+  arrays = {"a": rng.normal(size=(3, 5)).astype(np.float32), "b": rng.normal(size=(7,)),
+            "c": rng.normal(size=(2, 2, 2)).astype(np.float16),
+            "d": rng.integers(-9, 9, size=(4,)).astype(np.int32), "e": np.zeros((0, 3), np.float32)}
+  ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
+  _safetensors.save(ours, arrays, {"format": "pt"})
+  st.save_file(arrays, str(theirs), metadata={"format": "pt"})
+  for path in (ours, theirs):
+    for name, got in [*st.load_file(str(path)).items(), *_safetensors.load(path)[0].items()]:
+      assert got.dtype == arrays[name].dtype and np.array_equal(got, arrays[name]), (path, name)
+  assert _safetensors.load(theirs)[1] == {"format": "pt"}
+
+
+def test_safetensors_bfloat16_matches_torch(tmp_path, torch_peft):
+  torch, _ = torch_peft
+  from safetensors.torch import load_file, save_file
+  x = torch.randn(3, 4).to(torch.bfloat16)
+  save_file({"x": x}, str(tmp_path / "t.safetensors"))
+  got = _safetensors.load(tmp_path / "t.safetensors")[0]["x"]
+  np.testing.assert_array_equal(got.astype(np.float32), x.float().numpy())
+  _safetensors.save(tmp_path / "o.safetensors", {"x": got})
+  assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["x"], x)
+
+
+def test_safetensors_rejects_corrupt_files(tmp_path):
+  path = tmp_path / "x.safetensors"
+  _safetensors.save(path, {"a": np.ones((4, 4), np.float32)})
+  raw = path.read_bytes()
+  path.write_bytes(raw[:-3])
+  with pytest.raises(ValueError, match="data_offsets"):
+    _safetensors.load(path)
+  path.write_bytes(raw[:5])
+  with pytest.raises(ValueError, match="shorter than"):
+    _safetensors.load(path)
+  path.write_bytes(raw + b"\0" * 8)
+  with pytest.raises(ValueError, match="cover 64 of 72"):
+    _safetensors.load(path)
+
+
+# ---------------------------------------------------------------- errors
+
+def test_import_errors_name_the_key_and_leave_base_untouched(net, tmp_path):
+  model, variables, x = net
+  plan, tree = _adapted(net, "standard")
+  lj.export_peft(tmp_path, plan, tree, key_map=KEY_MAP)
+  before = jax.tree_util.tree_map(np.array, variables)
+
+  with pytest.raises(ValueError, match="apply_fn"):  # multi-axis query kernel needs its use
+    lj.import_peft(tmp_path, variables, key_map=KEY_MAP)
+
+  dense = lj.plan(lj.LoraConfig(targets=r"params/(fc1|head)/kernel", rank=2), variables)
+  lj.export_peft(tmp_path / "dense", dense, lj.attach(dense, variables, jax.random.key(0)))
+  wrong = dict(variables, params=dict(variables["params"], fc1={"kernel": jnp.zeros((8, 12))}))
+  with pytest.raises(ValueError, match=r"model\.fc1: lora_A \(2, 8\) / lora_B \(16, 2\) "
+                     r"do not fit params/fc1/kernel of shape \(8, 12\).*needs \(2, 8\) / \(12, 2\)"):
+    lj.import_peft(tmp_path / "dense", wrong)
+
+  with pytest.raises(ValueError, match=r"layers\.0\.fc.*no lora_jax path|layers/0/fc"):
+    lj.import_peft(tmp_path, variables, key_map=lj.peft_key_map.linen(), apply_fn=model.apply,
+                   args=(x,))
+
+  tensors, meta = _safetensors.load(tmp_path / "adapter_model.safetensors")
+  tensors["base_model.model.nope.lora_A.weight"] = np.zeros((2, 8), np.float32)
+  tensors["base_model.model.nope.lora_B.weight"] = np.zeros((8, 2), np.float32)
+  _safetensors.save(tmp_path / "adapter_model.safetensors", tensors, meta)
+  with pytest.raises(ValueError, match=r"base_model\.model\.nope\.lora_A.*params/nope/kernel"):
+    lj.import_peft(tmp_path, variables, key_map=KEY_MAP, apply_fn=model.apply, args=(x,))
+
+  os.remove(tmp_path / "adapter_config.json")
+  with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    lj.import_peft(tmp_path, variables, key_map=KEY_MAP)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, before)
+
+
+def test_import_rejects_a_stack_with_a_missing_layer(net, tmp_path):
+  model, variables, x = net
+  plan, tree = _adapted(net, "standard")
+  lj.export_peft(tmp_path, plan, tree, key_map=KEY_MAP)
+  tensors, meta = _safetensors.load(tmp_path / "adapter_model.safetensors")
+  for f in "AB":
+    del tensors[f"base_model.model.layers.2.fc.lora_{f}.weight"]
+  _safetensors.save(tmp_path / "adapter_model.safetensors", tensors, meta)
+  with pytest.raises(ValueError, match=r"'layers\.2\.fc' is missing"):
+    lj.import_peft(tmp_path, variables, key_map=KEY_MAP, apply_fn=model.apply, args=(x,))
+
+
+def test_export_errors_name_the_path(net, tmp_path):
+  plan, tree = _adapted(net, "standard")
+  with pytest.raises(ValueError, match=r"params/layers/fc/kernel: stacked.*scanned=\('layers',\)"):
+    lj.export_peft(tmp_path / "a", plan, tree)
+  partial = lj.peft_key_map.from_dict({"params/fc1/kernel": "fc1", "params/query/kernel": "q",
+                                       "params/layers/fc/kernel": "layers.{}.fc"})
+  with pytest.raises(ValueError, match="params/head/kernel: the key map gives no PEFT module"):
+    lj.export_peft(tmp_path / "b", plan, tree, key_map=partial)
+  clash = lj.peft_key_map.from_dict({"params/fc1/kernel": "x", "params/query/kernel": "x",
+                                     "params/layers/fc/kernel": "l{}", "params/head/kernel": "h"})
+  with pytest.raises(ValueError, match="both map to PEFT module 'x'"):
+    lj.export_peft(tmp_path / "c", plan, tree, key_map=clash)
+  assert not any(p.exists() for p in (tmp_path / "a", tmp_path / "b", tmp_path / "c"))
+
+
+def test_from_dict_key_map_round_trips_stacks(net, tmp_path):
+  model, variables, x = net
+  plan, tree = _adapted(net, "standard")
+  key_map = {"params/fc1/kernel": "model.up", "params/query/kernel": "model.attn.q_proj",
+             "params/layers/fc/kernel": "model.layers.{}.mlp", "params/head/kernel": "lm_head"}
+  lj.export_peft(tmp_path, plan, tree, key_map=key_map)
+  tensors, _ = _safetensors.load(tmp_path / "adapter_model.safetensors")
+  assert "base_model.model.model.layers.1.mlp.lora_B.weight" in tensors
+  got, got_plan = lj.import_peft(tmp_path, variables, key_map=key_map, apply_fn=model.apply,
+                                 args=(x,))
+  assert _site_fields(got_plan) == _site_fields(plan)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, lj.split(got)[0], lj.split(tree)[0])
+
+
+# ---------------------------------------------------------------- interop with PyTorch PEFT
+
+@pytest.fixture(scope="module")
+def torch_peft():
+  """torch and peft; optional locally, required (a failure, not a skip) when CI sets
+  LORA_JAX_REQUIRE_INTEROP=1."""
+  if os.environ.get("LORA_JAX_REQUIRE_INTEROP") == "1":
+    import peft
+    import torch
+  else:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+  torch.set_num_threads(1)
+  return torch, peft
+
+
+class MLP(nn.Module):
+  """fc1 (8,16), query (16,2,4) flattened to 8 features (a torch Linear(16, 8)), head (8,5)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(16, name="fc1")(x))
+    h = jnp.tanh(nn.DenseGeneral((2, 4), name="query")(h).reshape(*x.shape[:-1], 8))
+    return nn.Dense(5, name="head")(h)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+  return _init(MLP(), 6, seed=5)
+
+
+def _torch_mlp(torch, variables):
+  """The same MLP in torch: Linear weight (out, in) = Flax kernel (in, out) transposed."""
+  p = {k: {n: np.asarray(v) for n, v in d.items()} for k, d in variables["params"].items()}
+
+  class TorchMLP(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.fc1, self.query, self.head = (torch.nn.Linear(8, 16), torch.nn.Linear(16, 8),
+                                         torch.nn.Linear(8, 5))
+
+    def forward(self, x):
+      return self.head(torch.tanh(self.query(torch.tanh(self.fc1(x)))))
+
+  m = TorchMLP()
+  with torch.no_grad():
+    for name in ("fc1", "query", "head"):
+      kernel = p[name]["kernel"].reshape(p[name]["kernel"].shape[0], -1)
+      getattr(m, name).weight.copy_(torch.from_numpy(kernel.T.copy()))
+      getattr(m, name).bias.copy_(torch.from_numpy(p[name]["bias"].reshape(-1).copy()))
+  return m.eval()
+
+
+def _torch_out(torch, module, x):
+  with torch.no_grad():
+    return module(torch.from_numpy(np.array(x))).numpy()
+
+
+def test_torch_mlp_matches_flax_mlp(torch_peft, mlp):
+  torch, _ = torch_peft
+  model, variables, x = mlp
+  np.testing.assert_allclose(_torch_out(torch, _torch_mlp(torch, variables), x),
+                             model.apply(variables, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", ["standard", "rslora"])
+def test_exported_adapter_loads_in_peft(torch_peft, mlp, tmp_path, scaling):
+  torch, peft = torch_peft
+  model, variables, x = mlp
+  config = lj.LoraConfig(targets=r"params/(fc1|query|head)/kernel", rank=2, alpha=4.0,
+                         rank_pattern={r".*head.*": 3}, alpha_pattern={r".*query.*": 5.0},
+                         scaling=scaling)
+  plan = lj.plan(config, variables, apply_fn=model.apply, args=(x,))
+  tree = _random_factors(lj.attach(plan, variables, jax.random.key(7)), seed=8)
+  lj.export_peft(tmp_path, plan, tree)
+  peft_model = peft.PeftModel.from_pretrained(_torch_mlp(torch, variables), str(tmp_path)).eval()
+  ours = np.asarray(lj.unmerged(model.apply, plan)(tree, x))
+  assert not np.allclose(ours, model.apply(variables, x), atol=1e-2)  # the adapter matters
+  np.testing.assert_allclose(_torch_out(torch, peft_model, x), ours, atol=1e-5)
+
+
+def test_peft_adapter_imports_into_lora_jax(torch_peft, mlp, tmp_path):
+  torch, peft = torch_peft
+  model, variables, x = mlp
+  torch.manual_seed(0)
+  config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "query", "head"],
+                           rank_pattern={"head": 3}, alpha_pattern={"query": 6}, use_rslora=True)
+  peft_model = peft.get_peft_model(_torch_mlp(torch, variables), config)
+  with torch.no_grad():
+    for name, param in peft_model.named_parameters():
+      if "lora_B" in name:
+        param.normal_()
+  peft_model.save_pretrained(str(tmp_path))
+  want = _torch_out(torch, peft_model.eval(), x)
+
+  tree, plan = lj.import_peft(tmp_path, variables, apply_fn=model.apply, args=(x,))
+  by_path = {s.path: (s.rank, s.alpha, s.scale) for s in plan.sites}
+  assert by_path == {"params/fc1/kernel": (2, 4.0, 4 / np.sqrt(2)),
+                     "params/query/kernel": (2, 6.0, 6 / np.sqrt(2)),
+                     "params/head/kernel": (3, 4.0, 4 / np.sqrt(3))}
+  assert not np.allclose(want, model.apply(variables, x), atol=1e-2)
+  np.testing.assert_allclose(lj.unmerged(model.apply, plan)(tree, x), want, atol=1e-5)
+
+  merged = lj.merge(plan, tree)["params"]
+  torch_merged = peft_model.merge_and_unload()
+  for name in ("fc1", "query", "head"):
+    kernel = np.asarray(merged[name]["kernel"])
+    np.testing.assert_allclose(kernel.reshape(kernel.shape[0], -1).T,
+                               getattr(torch_merged, name).weight.detach().numpy(), atol=1e-6)
