@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -344,3 +346,34 @@ def test_peft_adapter_imports_into_lora_jax(torch_peft, mlp, tmp_path):
     kernel = np.asarray(merged[name]["kernel"])
     np.testing.assert_allclose(kernel.reshape(kernel.shape[0], -1).T,
                                getattr(torch_merged, name).weight.detach().numpy(), atol=1e-6)
+
+
+def test_key_maps_name_modules_both_ways():
+  cases = [(lj.peft_key_map.linen(), "params/block_0/attn/query/kernel", (), "block_0.attn.query"),
+           (lj.peft_key_map.linen(scanned=("enc/layers",)), "params/enc/layers/mlp/fc/kernel", (2,),
+            "enc.layers.2.mlp.fc"),
+           (lj.peft_key_map.nnx(), "blocks/0/linear/kernel", (), "blocks.0.linear"),
+           (lj.peft_key_map.nnx(scanned=("blocks",)), "blocks/linear/kernel", (11,),
+            "blocks.11.linear"),
+           (lj.peft_key_map.from_dict({"w/q": "model.layers.{}.q_proj"}), "w/q", (3,),
+            "model.layers.3.q_proj")]
+  for key_map, path, index, module in cases:
+    assert key_map.to_peft(path, index) == module
+    assert key_map.from_peft(module) == (path, index)
+  assert lj.peft_key_map.linen().to_peft("params/block_0/attn/query/bias", ()) is None
+  assert lj.peft_key_map.from_dict({"w/q": "q"}).from_peft("k") is None
+
+
+def test_readme_peft_snippet_runs(net, tmp_path, monkeypatch):
+  text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+  section = text.split("### To and from PyTorch PEFT", 1)[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  model, variables, x = net
+  plan, tree = _adapted(net, "rslora")
+  monkeypatch.chdir(tmp_path)
+  namespace = dict(lj=lj, model=model, variables=variables, x=x, plan=plan, tree=tree)
+  exec(compile(code, "README.md:peft", "exec"), namespace)
+  assert (tmp_path / "adapter_peft" / "adapter_config.json").exists()
+  assert _site_fields(namespace["plan"]) == _site_fields(plan)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, lj.split(namespace["tree"])[0],
+                         lj.split(tree)[0])
