@@ -49,7 +49,7 @@ def _assert_bit_identical(got, want):
     assert g[p].dtype == w[p].dtype and np.array_equal(g[p], w[p]), p
 
 
-@pytest.mark.parametrize("name", ["attention_block", "scan_remat", "nnx", "plain_transposed"])
+@pytest.mark.parametrize("name", ["attention_block", "nnx", "plain_transposed"])
 def test_round_trip_bit_identical_adapters_and_outputs(tmp_path, name):
   e, plan, tree = _trained(name, alpha=3.0, dropout=0.1, scaling="rslora")
   lj.save_adapter(tmp_path / "a", plan, tree)
@@ -60,7 +60,7 @@ def test_round_trip_bit_identical_adapters_and_outputs(tmp_path, name):
   fn = jax.jit(lj.unmerged(e.fn, plan))
   assert np.array_equal(fn(loaded, e.x), fn(tree, e.x))
   # the adapter matters: the loaded outputs differ from the base's
-  assert not np.allclose(fn(loaded, e.x), e.fn(e.variables, e.x), atol=1e-4)
+  assert not np.allclose(fn(loaded, e.x), jax.jit(e.fn)(e.variables, e.x), atol=1e-4)
 
 
 def test_partitioned_boxes_are_kept(tmp_path):
@@ -361,3 +361,19 @@ def test_training_checkpointer_keeps_last_k_and_never_stores_the_base(tmp_path):
     lj.TrainingCheckpointer(tmp_path / "x").save(0, big, opt_state)
   with pytest.raises(lj.CheckpointError, match="no training checkpoint for step 5"):
     lj.TrainingCheckpointer(tmp_path).restore(5, tree, opt_state)
+
+
+def test_example_reloads_in_fresh_process_and_reports_sizes(tmp_path):
+  out = subprocess.run([sys.executable, str(ROOT / "examples" / "save_and_load.py"), "--dir",
+                        str(tmp_path), "--hidden", "64", "64", "--rank", "4",
+                        "--pretrain-steps", "20", "--steps", "20"],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+  assert "outputs bit-identical to the training process: yes" in out.stdout, out.stdout
+  model = int(re.search(r"full model \(all base params\): ([\d,]+) bytes", out.stdout)[1].replace(",", ""))
+  disk, raw = (int(g.replace(",", "")) for g in re.search(
+      r"adapter on disk: ([\d,]+) bytes \(LoRA factors: ([\d,]+) raw bytes", out.stdout).groups())
+  assert model == 4 * (64 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10)  # f32 params of 64-64-64-10
+  assert raw == 4 * 4 * (64 + 64 + 64 + 64 + 64 + 10)  # rank 4: A (in, 4) + B (4, out) per kernel
+  assert disk <= 1.02 * raw + 64 * 1024 and disk == sum(
+      f.stat().st_size for f in (tmp_path / "adapter").rglob("*") if f.is_file())
