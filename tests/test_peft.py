@@ -377,3 +377,27 @@ def test_readme_peft_snippet_runs(net, tmp_path, monkeypatch):
   assert _site_fields(namespace["plan"]) == _site_fields(plan)
   jax.tree_util.tree_map(np.testing.assert_array_equal, lj.split(namespace["tree"])[0],
                          lj.split(tree)[0])
+
+
+def test_nnx_state_round_trip(tmp_path):
+  from flax import nnx
+
+  class Two(nnx.Module):
+    def __init__(self, rngs):
+      self.l1, self.l2 = nnx.Linear(6, 10, rngs=rngs), nnx.Linear(10, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jnp.tanh(self.l1(x)))
+
+  graphdef, state = nnx.split(Two(nnx.Rngs(0)))
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)
+  x = jnp.ones((3, 6))
+  plan = lj.plan(lj.LoraConfig(targets=r"l\d/kernel", rank=2), state)
+  tree = _random_factors(lj.attach(plan, state, jax.random.key(0)), seed=1)
+  lj.export_peft(tmp_path, plan, tree, key_map=lj.peft_key_map.nnx())
+  tensors, _ = _safetensors.load(tmp_path / "adapter_model.safetensors")
+  assert sorted(tensors) == [f"base_model.model.l{i}.lora_{f}.weight" for i in (1, 2) for f in "AB"]
+  got, got_plan = lj.import_peft(tmp_path, state, key_map=lj.peft_key_map.nnx())
+  assert _site_fields(got_plan) == _site_fields(plan)
+  assert isinstance(got["l1"]["kernel_lora_a"], nnx.Param)
+  np.testing.assert_array_equal(lj.unmerged(fn, got_plan)(got, x), lj.unmerged(fn, plan)(tree, x))
