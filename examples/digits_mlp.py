@@ -31,6 +31,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import lora_jax as lj
+from summary import print_table  # examples/summary.py: a fixed-width table
 
 
 class MLP(nn.Module):
@@ -127,14 +128,6 @@ def plot_curves(path: str, lora: dict, full: dict, base_acc: float, lora_label: 
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
-
-
-def print_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-  """Fixed-width table: first column left-aligned, the others right-aligned."""
-  widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-  fmt = lambda r: "  ".join(c.ljust(w) if j == 0 else c.rjust(w)
-                            for j, (c, w) in enumerate(zip(r, widths)))
-  print("\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]))
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -62,3 +62,30 @@ def test_digits_mlp_lora_beats_base_on_rotated_digits(tmp_path):
   assert int(unmerged.group(1).replace(",", "")) == n_lora, out
   assert abs(float(unmerged.group(2)) - 100 * n_lora / n_base) < 0.01, out
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_transformer_lm_lora_learns_the_new_rule():
+  d_model, layers, rank = 32, 2, 8
+  out = run_example("transformer_lm.py", "--pretrain-steps", "150", "--steps", "100",
+                    "--d-model", str(d_model), "--layers", str(layers), "--rank", str(rank),
+                    "--batch-size", "32", "--eval-size", "128")
+  base_old = number(r"original rule loss ([\d.]+)", out)
+  base_new = number(r"new rule loss ([\d.]+)", out)
+  row = r"LoRA r=8, {}\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)%"
+  unmerged = re.search(row.format("unmerged"), out)
+  merged = re.search(row.format("merged"), out)
+  assert unmerged and merged, out
+
+  # Pretraining learned the original rule; the new rule is out of reach for the base; LoRA
+  # (B = 0 at step 0, so it starts from the base's loss) learns it.
+  assert base_old < 0.1 and base_new > 3.0, out
+  lora_loss, lora_acc = float(unmerged.group(2)), float(unmerged.group(3))
+  assert lora_loss < 0.25 * base_new and lora_acc > 70.0, out
+  assert abs(lora_loss - float(merged.group(2))) < 1e-3, out
+  assert number(r"max \|logits difference\| = (\S+)", out) < 1e-3, out
+
+  # query and value kernels: (layers, d, heads, head_dim), A (layers, d, r) + B (layers, r, d).
+  n_adapter = 2 * layers * (d_model + d_model) * rank
+  assert int(unmerged.group(1).replace(",", "")) == n_adapter, out
+  assert number(r"adapter: [\d,]+ params, ([\d.]+) KiB", out) == pytest.approx(4 * n_adapter / 1024, abs=0.05)
+  assert number(r"LoRA ([\d,]+) tokens/s", out) > 0 and number(r"full fine-tuning ([\d,]+) tokens/s", out) > 0
