@@ -225,6 +225,14 @@ def memory_of(compiled) -> dict[str, int] | None:
   return out
 
 
+def threads() -> int:
+  """The thread count XLA:CPU uses (one per core this process may run on); torch is set to it."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
 def cache_size(fn) -> int | None:
   size = getattr(fn, "_cache_size", None)
   return size() if callable(size) else None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from typing import Any, Callable
 
 import numpy as np
@@ -36,14 +35,6 @@ def missing() -> str | None:
   if torch is None or peft is None:
     return "n/a (not installed)"
   return None
-
-
-def threads() -> int:
-  """The thread count XLA:CPU uses (one per core this process may run on); torch is set to it."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
 
 
 if torch is not None:
