@@ -89,3 +89,28 @@ def test_transformer_lm_lora_learns_the_new_rule():
   assert int(unmerged.group(1).replace(",", "")) == n_adapter, out
   assert number(r"adapter: [\d,]+ params, ([\d.]+) KiB", out) == pytest.approx(4 * n_adapter / 1024, abs=0.05)
   assert number(r"LoRA ([\d,]+) tokens/s", out) > 0 and number(r"full fine-tuning ([\d,]+) tokens/s", out) > 0
+
+
+def test_nnx_model_lora_fits_and_merges_back_into_the_model():
+  out = run_example("nnx_model.py", "--steps", "200")
+  before = number(r"before LoRA ([\d.e+-]+)", out)
+  after = number(r"after 200 steps ([\d.e+-]+)", out)
+  merged = number(r"with nnx.update: MSE ([\d.e+-]+)", out)
+  assert after < 0.05 * before, out
+  assert merged == pytest.approx(after, rel=1e-3, abs=1e-6), out
+  assert number(r"max \|model\(x\) - unmerged\(x\)\| = (\S+)", out) < 1e-4, out
+  assert "still the untouched base model: yes" in out, out
+  # l1 (16, 64) and l2 (64, 8) at rank 2: (16 + 64) * 2 + (64 + 8) * 2 LoRA params.
+  assert f"{(16 + 64) * 2 + (64 + 8) * 2} LoRA params" in out, out
+
+
+def test_any_function_plain_and_apply_only_models():
+  out = run_example("any_function.py", "--steps", "200")
+  befores = [float(v) for v in re.findall(r"MSE to the teacher: before ([\d.e+-]+)", out)]
+  afters = [float(v) for v in re.findall(r"after 200 steps ([\d.e+-]+)", out)]
+  diffs = [float(v) for v in re.findall(r"merged vs unmerged: max \|difference\| = (\S+)", out)]
+  assert len(befores) == len(afters) == len(diffs) == 2, out
+  assert all(a < 0.1 * b for a, b in zip(afters, befores)), out
+  assert max(diffs) < 1e-4, out
+  # The (out, in) kernel used as x @ W.T: the plan puts A on the input side.
+  assert re.search(r"w1\s+\(64,16\)\s+in=\(16\) out=\(64\)\s+4\s+8\s+2\s+\(16,4\)\s+\(4,64\)", out), out
