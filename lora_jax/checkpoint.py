@@ -86,19 +86,8 @@ def _pick(nested: Mapping, path: str) -> Any:
   return nested
 
 
-def _lora_leaves(plan: Plan, tree: PyTree) -> dict[str, jax.Array]:
-  """`{leaf path: unboxed A or B}` in plan order; checks that `tree` matches `plan`."""
-  arrays = site_arrays(plan, tree)
-  out = {}
-  for s in plan.sites:
-    _, a, b = arrays[s.path]
-    out[s.path + LORA_A], out[s.path + LORA_B] = jnp.asarray(a), jnp.asarray(b)
-  return out
-
-
-def _metadata(plan: Plan, tree: PyTree, leaves: dict[str, jax.Array]) -> dict[str, Any]:
+def _metadata(plan: Plan, kernels: dict[str, Any], leaves: dict[str, jax.Array]) -> dict[str, Any]:
   sums = _checksums(list(leaves.values()))
-  kernels = site_arrays(plan, tree)
   return {
       "format": FORMAT,
       "lora_jax_version": _lora_jax_version(),
@@ -157,8 +146,10 @@ def save_adapter(directory: str | os.PathLike, plan: Plan, tree: PyTree) -> None
   holds anything but lora_jax adapter checkpoints (it never deletes foreign files).
   """
   directory = pathlib.Path(directory).absolute()
-  leaves = _lora_leaves(plan, tree)
-  meta = _metadata(plan, tree, leaves)
+  arrays = site_arrays(plan, tree)  # {path: (W, A, B)}, unboxed; raises if tree != plan
+  leaves = {s.path + f: jnp.asarray(arrays[s.path][i]) for s in plan.sites
+            for i, f in ((1, LORA_A), (2, LORA_B))}
+  meta = _metadata(plan, arrays, leaves)
   if directory.exists():
     foreign = sorted(set(directory.iterdir()) - set(_versions(directory)))
     if foreign:
@@ -248,9 +239,19 @@ def _target_shardings(plan: Plan, base_leaves: dict[str, Any], shardings: Any) -
     given = {}
   elif isinstance(shardings, Sharding):
     given = {s.path + f: shardings for s in plan.sites for f in (LORA_A, LORA_B)}
-  else:
-    given = flatten(shardings)
+  else:  # nested or flat mappings; anything that is not a mapping is a leaf
+    given = {}
+
+    def walk(node, prefix):
+      for k, v in node.items():
+        walk(v, f"{prefix}{k}/") if isinstance(v, Mapping) else given.__setitem__(f"{prefix}{k}", v)
+
+    walk(shardings, "")
   expected = {s.path + f for s in plan.sites for f in (LORA_A, LORA_B)}
+  wrong = [(p, v) for p, v in given.items() if not isinstance(v, Sharding)]
+  if wrong:
+    raise ValueError(f"load_adapter: shardings[{wrong[0][0]!r}] = {wrong[0][1]!r} is not a "
+                     "jax.sharding.Sharding (e.g. NamedSharding(mesh, PartitionSpec(...)))")
   stray = sorted(set(given) - expected)
   if stray:
     raise ValueError(f"load_adapter: shardings given for {stray[0]!r}, which is not a LoRA leaf of "

@@ -144,6 +144,17 @@ def test_wrong_base_names_path_and_both_shapes_and_leaves_base_untouched(tmp_pat
     lj.load_adapter(tmp_path, tree)
 
 
+def test_bad_shardings_argument_is_named(tmp_path):
+  e, plan, tree = _trained("mlp")
+  lj.save_adapter(tmp_path, plan, tree)
+  spec = jax.sharding.PartitionSpec()
+  with pytest.raises(ValueError, match=r"shardings\['params/Dense_0/kernel_lora_a'\] = P\(\) is not a"):
+    lj.load_adapter(tmp_path, e.variables, shardings={"params/Dense_0/kernel_lora_a": spec})
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with pytest.raises(ValueError, match=r"'params/Dense_0/kernel', which is not a LoRA leaf"):
+    lj.load_adapter(tmp_path, e.variables, shardings={"params/Dense_0/kernel": one})
+
+
 def test_loading_onto_a_bfloat16_base_keeps_factors_and_reports_base_dtype(tmp_path):
   e, plan, tree = _trained("mlp")
   lj.save_adapter(tmp_path, plan, tree)
