@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import pathlib
 import time
 
 import flax.linen as nn
@@ -242,6 +243,14 @@ def main(argv=None) -> None:
   print(f"(pretraining: {args.pretrain_steps} steps, compile {c_pre:.1f}s, train {t_pre:.1f}s; the "
         "LoRA rows share one training run; `lj.strip` gives back the base with its upright accuracy)")
 
+  if args.save:
+    # An adapter-only checkpoint: the LoRA leaves plus the plan and a fingerprint of the base
+    # (reload onto the same base with `lj.load_adapter`; see examples/save_and_load.py).
+    lj.save_adapter(args.save, plan, tree)
+    adapter_bytes = sum(f.stat().st_size for f in pathlib.Path(args.save).rglob("*") if f.is_file())
+    model_bytes = sum(x.nbytes for x in jax.tree.leaves(pretrained))
+    print(f"adapter saved to {args.save}: {adapter_bytes / 1024:.1f} KiB on disk "
+          f"(the model's weights: {model_bytes / 1024:.1f} KiB)")
   if args.plot:
     plot_curves(args.plot, lora_curves, full_curves, base_acc_new,
                 f"LoRA r={args.rank} ({100 * n_lora / n_base:.1f}% of params)")

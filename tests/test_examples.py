@@ -39,9 +39,10 @@ def test_help_lists_every_flag(name):
 
 def test_digits_mlp_lora_beats_base_on_rotated_digits(tmp_path):
   hidden, rank = (32, 64), 4
-  plot = tmp_path / "curves.png"
+  plot, adapter_dir = tmp_path / "curves.png", tmp_path / "adapter"
   out = run_example("digits_mlp.py", "--pretrain-steps", "300", "--steps", "300",
-                    "--hidden", *map(str, hidden), "--rank", str(rank), "--plot", str(plot))
+                    "--hidden", *map(str, hidden), "--rank", str(rank), "--plot", str(plot),
+                    "--save", str(adapter_dir))
   base = number(r"pretrained base: [\d.]+% test accuracy on upright digits, ([\d.]+)% on rotated", out)
   row = r"LoRA r=4, {}\s+([\d,]+) \(([\d.]+)%\)\s+([\d.]+)%"
   unmerged = re.search(row.format("unmerged"), out)
@@ -62,6 +63,10 @@ def test_digits_mlp_lora_beats_base_on_rotated_digits(tmp_path):
   assert int(unmerged.group(1).replace(",", "")) == n_lora, out
   assert abs(float(unmerged.group(2)) - 100 * n_lora / n_base) < 0.01, out
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # The saved adapter is small next to the model (raw float32 weights: 4 bytes per parameter).
+  adapter_kib = number(r"([\d.]+) KiB on disk", out)
+  assert number(r"the model's weights: ([\d.]+) KiB", out) == pytest.approx(4 * n_base / 1024, abs=0.05)
+  assert adapter_kib < 4 * n_base / 1024 and (adapter_dir / "LATEST").exists(), out
 
 
 def test_transformer_lm_lora_learns_the_new_rule():
