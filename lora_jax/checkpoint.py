@@ -41,7 +41,8 @@ from .tree import LORA_A, LORA_B, box_like, combine, flatten, lora_paths, map_le
 PyTree = Any
 FORMAT = "lora_jax.adapter/1"
 POINTER = "LATEST"
-_VERSION_DIR = re.compile(r"adapter-(\d+)")
+# a version directory, or orbax's temporary one for it (orbax writes there, then renames)
+_VERSION_DIR = re.compile(r"adapter-(\d+)(\.orbax-checkpoint-tmp.*)?")
 
 
 class CheckpointError(ValueError):
@@ -129,7 +130,7 @@ def _replace_pointer(directory: pathlib.Path, version: str) -> None:
 def _versions(directory: pathlib.Path) -> list[pathlib.Path]:
   """Our entries in `directory`: version dirs, orbax temp dirs of versions, the pointer files."""
   return [p for p in directory.iterdir()
-          if _VERSION_DIR.match(p.name) or p.name in (POINTER, POINTER + ".tmp")]
+          if _VERSION_DIR.fullmatch(p.name) or p.name in (POINTER, POINTER + ".tmp")]
 
 
 def save_adapter(directory: str | os.PathLike, plan: Plan, tree: PyTree) -> None:
@@ -156,7 +157,7 @@ def save_adapter(directory: str | os.PathLike, plan: Plan, tree: PyTree) -> None
       raise ValueError(f"save_adapter: {directory} exists and holds files that are not lora_jax "
                        f"adapter checkpoints (e.g. {foreign[0].name!r}); pick another directory")
   directory.mkdir(parents=True, exist_ok=True)
-  numbers = [int(m.group(1)) for p in directory.iterdir() if (m := _VERSION_DIR.match(p.name))]
+  numbers = [int(m.group(1)) for p in directory.iterdir() if (m := _VERSION_DIR.fullmatch(p.name))]
   version = f"adapter-{max(numbers, default=0) + 1}"
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
     ckptr.save(directory / version, args=ocp.args.Composite(
@@ -175,7 +176,7 @@ def _current(directory: pathlib.Path) -> pathlib.Path:
     what = "does not exist" if not directory.exists() else f"has no {POINTER} file"
     raise CheckpointError(f"{directory}: not a lora_jax adapter checkpoint ({what})")
   version = pointer.read_text().strip()
-  if not _VERSION_DIR.fullmatch(version) or not (directory / version).is_dir():
+  if not re.fullmatch(r"adapter-\d+", version) or not (directory / version).is_dir():
     raise CheckpointError(f"{directory}: {POINTER} names {version!r}, which is not a checkpoint "
                           "directory there (truncated or corrupted checkpoint)")
   return directory / version
