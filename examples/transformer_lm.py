@@ -8,9 +8,10 @@ the step off its context (attention) and add it (MLP).
 1. pretrain a linen transformer (token + position embeddings, pre-LN blocks of causal
    `nn.SelfAttention` + MLP, the blocks stacked with `nn.scan`) on steps k in {1, 2, 3};
 2. the new task: the same progressions counting *down*, k in {-1, -2, -3};
-3. attach LoRA adapters to the attention and MLP kernels of every layer (the plan gives each
-   scanned `(L, ...)` kernel one adapter per layer) and train only them, differentiating only the
-   adapters so no base-weight gradient is ever built; full fine-tuning runs beside it for timing.
+3. attach LoRA adapters to the attention query and value kernels of every layer (`--targets`
+   picks others; the plan gives each scanned `(L, ...)` kernel one adapter per layer) and train
+   only them, differentiating only the adapters so no base-weight gradient is ever built; full
+   fine-tuning from the same base runs beside it, for loss and tokens/s.
 
 It reports the loss and next-token accuracy on the new task before/after, merged vs unmerged
 agreement, adapter size vs model size, and tokens/s of the LoRA step vs the full fine-tuning step.
