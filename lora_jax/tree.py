@@ -67,6 +67,13 @@ def box_like(box: Any, value: Any, axis_names: tuple | None = None) -> Any:
   return value
 
 
+def _fresh(x: Any) -> Any:
+  """A new NNX `Variable` holding the same value (other leaves as they are). NNX Variables are
+  mutable and `nnx.split` hands out the model's own; a tree we return must not share them, or an
+  `nnx.update(model, ...)` would silently rewrite our tree (and the caller's state) as well."""
+  return x.replace(x.get_value()) if isinstance(x, nnx.Variable) else x
+
+
 def _children(node: Any) -> list[tuple[Any, Any]] | None:
   if isinstance(node, Mapping):
     return list(node.items())
@@ -105,7 +112,8 @@ def flatten(tree: PyTree) -> dict[str, Any]:
 def map_leaves(fn: Callable[[str, Any], Any], tree: PyTree,
                siblings: Callable[[str, Any, Any], dict] | None = None,
                keep: Callable[[str, Any, Any], bool] = lambda path, key, value: True) -> PyTree:
-  """Rebuild `tree` (same container types) with leaves `fn(path, leaf)`.
+  """Rebuild `tree` (same container types) with leaves `fn(path, leaf)`; NNX `Variable` leaves
+  of the result are new objects (never the input's, which a later `nnx.update` could mutate).
 
   `keep(path, key, value)` drops container entries; `siblings(path, key, leaf)` returns extra
   `{key: leaf}` entries inserted right after an entry. Leaves are passed boxed.
@@ -114,7 +122,7 @@ def map_leaves(fn: Callable[[str, Any], Any], tree: PyTree,
   def walk(node, prefix):
     kids = None if _is_box(node) else _children(node)
     if kids is None:
-      return fn(prefix, node)
+      return _fresh(fn(prefix, node))
     items = []
     for k, v in kids:
       path = join(prefix, k)
@@ -122,7 +130,7 @@ def map_leaves(fn: Callable[[str, Any], Any], tree: PyTree,
         continue
       items.append((k, walk(v, path)))
       if siblings is not None:
-        items.extend(siblings(path, k, v).items())
+        items.extend((sk, _fresh(sv)) for sk, sv in siblings(path, k, v).items())
     return _rebuild(node, items)
 
   return walk(tree, "")
@@ -142,7 +150,7 @@ def has_lora(tree: PyTree) -> bool:
 
 
 def strip(tree: PyTree) -> PyTree:
-  """The base variables: `tree` with every LoRA leaf removed. Base leaves are the same objects
+  """The base variables: `tree` with every LoRA leaf removed. Base arrays are the same objects
   (bit-exact; never an 'unmerge' by subtraction)."""
   return map_leaves(lambda p, x: x, tree, keep=lambda p, k, v: not is_lora_key(k))
 

@@ -123,3 +123,31 @@ def test_kernel_in_a_list_is_refused_before_anything_is_built():
   assert p.paths == ("layers/0", "layers/1")
   with pytest.raises(ValueError, match="layers/0: the kernel sits in a list/tuple"):
     lj.attach(p, params, jax.random.key(0))
+
+
+def test_returned_nnx_trees_share_no_variables_with_the_model():
+  # nnx.split hands out the model's own mutable Variables; if a tree we return kept them,
+  # nnx.update(model, merged) would silently rewrite the LoRA tree (and the base) too.
+  model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  fn = lambda s, x: nnx.merge(graphdef, s)(x)
+  x = jax.random.normal(jax.random.key(1), (2, 4))
+  p = lj.plan(lj.LoraConfig(targets="kernel", rank=2), state, apply_fn=fn, args=(x,))
+  tree = lj.attach(p, state, jax.random.key(0))
+  adapters, base = lj.split(tree)
+  tree = lj.combine(base, jax.tree.map(lambda a: a + 0.5, adapters))  # nonzero B
+  kernel, bias = np.asarray(state["kernel"].get_value()), np.asarray(state["bias"].get_value())
+  adapters, base = lj.split(tree)
+  before = np.asarray(lj.unmerged(fn, p)(tree, x))
+  returned = {"attach": lj.attach(p, state, jax.random.key(0)), "merge": lj.merge(p, tree),
+              "strip": lj.strip(tree), "split": adapters, "base": base,
+              "combine": lj.combine(base, adapters)}
+  ids = lambda t: {id(v) for v in jax.tree.leaves(t, is_leaf=lambda v: isinstance(v, nnx.Variable))}
+  model_vars = ids(nnx.state(model))
+  for name, t in returned.items():
+    assert not ids(t) & model_vars, name
+  nnx.update(model, lj.merge(p, tree))  # the merged weights go into the live model
+  np.testing.assert_allclose(np.asarray(model(x)), before, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(lj.unmerged(fn, p)(tree, x)), before)
+  np.testing.assert_array_equal(np.asarray(lj.strip(tree)["kernel"].get_value()), kernel)
+  np.testing.assert_array_equal(np.asarray(lj.strip(tree)["bias"].get_value()), bias)
