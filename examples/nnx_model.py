@@ -62,10 +62,8 @@ def main(argv=None) -> None:
 
   # NNX -> pytree: the state is what lora_jax plans on; `apply` rebuilds the model from a state.
   graphdef, state = nnx.split(model)
-  # nnx.split hands back the model's own mutable Variable objects, and the LoRA tree keeps the
-  # boxes of the leaves it does not change: copy, so `nnx.update(model, ...)` below cannot
-  # change `state` or the LoRA tree behind our back.
-  state = jax.tree.map(jnp.copy, state)
+  # (`state` holds the model's own Variables; the trees lora_jax returns get fresh ones, so the
+  # `nnx.update(model, ...)` below changes the model and `state`, never the LoRA tree.)
   apply = lambda state, x: nnx.merge(graphdef, state)(x)
   config = lj.LoraConfig(targets=r".*/kernel", rank=args.rank, alpha=2.0 * args.rank)
   plan = lj.plan(config, state, apply_fn=apply, args=(x,))
