@@ -2,19 +2,31 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Extras to install: test,demo by default; CI adds interop (torch + PEFT for the interop tests).
+# With interop, torch==2.13.0 is installed first on its own (the CPU wheel where one is on the
+# find-links/index), so resolving peft & co. never swaps in another torch build.
+EXTRAS ?= test,demo
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,demo]"
+	$(if $(findstring interop,$(EXTRAS)),$(PY) -m pip install -q -c constraints.txt torch==2.13.0)
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
 .PHONY: demo test bench
 demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	$(PY) examples/digits_mlp.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
-bench: $(VENV)/.installed
+# bench extra (qwix, torch + PEFT, matplotlib) on top of whatever EXTRAS installed; torch first, as above.
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS),bench]"
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) benchmarks/core.py
+	$(PY) benchmarks/compare.py
