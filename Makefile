@@ -2,15 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Extras to install: test,demo by default; CI adds interop (torch + PEFT for the interop tests).
-# With interop, torch==2.13.0 is installed first on its own (the CPU wheel where one is on the
+# Extras to install: test,demo by default; CI adds interop (torch + PEFT) and bench (+ qwix).
+# With interop or bench, torch==2.13.0 is installed first on its own (the CPU wheel where one is on the
 # find-links/index), so resolving peft & co. never swaps in another torch build.
 EXTRAS ?= test,demo
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(if $(findstring interop,$(EXTRAS)),$(PY) -m pip install -q -c constraints.txt torch==2.13.0)
+	$(if $(findstring interop,$(EXTRAS))$(findstring bench,$(EXTRAS)),$(PY) -m pip install -q -c constraints.txt torch==2.13.0)
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import optional
 
 import lora_jax as lj
 
@@ -44,9 +45,8 @@ def _a_b(flat, prefix):
 
 
 def test_qwix_same_function_and_gradients(setup):
-  qwix_lm = pytest.importorskip("qwix_lm")
-  if qwix_lm.missing():
-    pytest.skip("qwix not installed")
+  optional("qwix")
+  import qwix_lm
   s, ref, ref_loss, ref_grads = setup
   qmodel = qwix_lm.lora_model(s.model, ARGS.rank, ARGS.alpha)
   qtree = qwix_lm.tree_from_lora_jax(s.tree)
@@ -70,7 +70,7 @@ def test_qwix_same_function_and_gradients(setup):
 
 
 def test_nnx_same_function_with_scale_folded_into_b(setup):
-  nnx_lm = pytest.importorskip("nnx_lm")
+  import nnx_lm
   s, ref, _, _ = setup
   graphdef, lora, rest = nnx_lm.from_lora_jax(ARGS, s.plan, s.tree)
   assert sum(x.size for x in jax.tree.leaves(lora)) == s.plan.num_params
@@ -80,9 +80,8 @@ def test_nnx_same_function_with_scale_folded_into_b(setup):
 
 
 def test_peft_same_function_gradients_and_merge(setup):
-  pytest.importorskip("torch")
-  pytest.importorskip("peft")
-  import torch
+  torch = optional("torch")
+  optional("peft")
   import torch_lm
   s, ref, ref_loss, ref_grads = setup
   host = jax.tree.map(lambda x: np.asarray(x, np.float32), s.tree)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import optional
 
 import lora_jax as lj
 from lora_jax import _safetensors
@@ -243,12 +244,7 @@ def test_from_dict_key_map_round_trips_stacks(net, tmp_path):
 def torch_peft():
   """torch and peft; optional locally, required (a failure, not a skip) when CI sets
   LORA_JAX_REQUIRE_INTEROP=1."""
-  if os.environ.get("LORA_JAX_REQUIRE_INTEROP") == "1":
-    import peft
-    import torch
-  else:
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+  torch, peft = optional("torch"), optional("peft")
   torch.set_num_threads(1)
   return torch, peft
 
