@@ -52,11 +52,15 @@ class Tracked:
     n_s, n_i = self.count("s"), self.count("i")
     dtype = jnp.promote_types(self.w.dtype, jnp.float32)
     s_shape, i_shape, o_shape = (self.a.shape[:n_s], self.a.shape[n_s:-1], self.b.shape[n_s + 1:])
-    a = self.a.astype(dtype).reshape(*s_shape, math.prod(i_shape), -1)
+    a = (self.a.astype(dtype) * self.scale).reshape(*s_shape, math.prod(i_shape), -1)  # scale A, not ΔW
     b = self.b.astype(dtype).reshape(*s_shape, -1, math.prod(o_shape))
-    d = jnp.matmul(a, b).reshape(*s_shape, *i_shape, *o_shape)
+    # Σ_k a[..., i, k] · b[..., k, o] as a broadcast product summed over k: XLA fuses it (and a
+    # following `W +`) into one pass over W, vectorised along `o`. A `dot` with contraction size r
+    # is several times slower on CPU and leaves ΔW in a buffer of its own (benchmarks/RESULTS.md).
+    d = jnp.sum(a[..., :, :, None] * b[..., None, :, :], axis=-2)
+    d = d.reshape(*s_shape, *i_shape, *o_shape)
     offset = {"s": 0, "i": n_s, "o": n_s + n_i}
-    return jnp.transpose(d, [offset[r] + k for r, k in self.axes]) * self.scale
+    return jnp.transpose(d, [offset[r] + k for r, k in self.axes])
 
   def materialize(self) -> jax.Array:
     """`W_view + ΔW_view`, computed in float32 and cast once to W's dtype."""
