@@ -36,7 +36,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from .plan import Plan, Site, site_arrays
-from .tree import LORA_A, LORA_B, box_like, combine, flatten, lora_paths, map_leaves, split, strip, unbox
+from .tree import LORA_A, LORA_B, combine, flatten, lora_paths, put_factors, split, strip, unbox
 
 PyTree = Any
 FORMAT = "lora_jax.adapter/1"
@@ -224,11 +224,8 @@ def _adapter_sharding(site: Site, kernel: Any, factor: str) -> Sharding | None:
   sharding = getattr(kernel, "sharding", None)
   if isinstance(sharding, NamedSharding):
     spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
-    pick = lambda axes: tuple(spec[j] for j in axes)
-    lay = site.layout
-    axes = ((*pick(lay.stack_axes), *pick(lay.in_axes), None) if factor == LORA_A
-            else (*pick(lay.stack_axes), None, *pick(lay.out_axes)))
-    return NamedSharding(sharding.mesh, PartitionSpec(*axes))
+    a_axes, b_axes = site.layout.factor_axes(spec)
+    return NamedSharding(sharding.mesh, PartitionSpec(*(a_axes if factor == LORA_A else b_axes)))
   if isinstance(sharding, SingleDeviceSharding):
     return sharding
   return None
@@ -317,20 +314,8 @@ def load_adapter(directory: str | os.PathLike, base: PyTree, *,
                             f"not match its record ({e['dtype']}{e['shape']}, checksum "
                             f"{e['checksum']}, got {int(c)}): corrupted checkpoint")
 
-  sites = {s.path: s for s in plan.sites}
-
-  def siblings(path, key, leaf):
-    if path not in sites:
-      return {}
-    s, names = sites[path], getattr(leaf, "names", None)
-    pick = (lambda axes: tuple(names[j] for j in axes)) if names is not None else None
-    lay = s.layout
-    a_names = (*pick(lay.stack_axes), *pick(lay.in_axes), None) if pick else None
-    b_names = (*pick(lay.stack_axes), None, *pick(lay.out_axes)) if pick else None
-    return {f"{key}{LORA_A}": box_like(leaf, arrays[path + LORA_A], a_names),
-            f"{key}{LORA_B}": box_like(leaf, arrays[path + LORA_B], b_names)}
-
-  tree = map_leaves(lambda p, x: x, base, siblings=siblings)
+  tree = put_factors(base, {s.path: (s.layout, arrays[s.path + LORA_A], arrays[s.path + LORA_B])
+                            for s in plan.sites}, "load_adapter")
   dtypes = {s.path: jnp.dtype(unbox(base_leaves[s.path]).dtype).name for s in plan.sites}
   plan = dataclasses.replace(plan, sites=tuple(dataclasses.replace(s, dtype=dtypes[s.path])
                                                for s in plan.sites))

@@ -25,14 +25,13 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _safetensors
 from .config import LoraConfig
 from .plan import Plan, Site, plan as make_plan, site_arrays
-from .tree import LORA_A, LORA_B, attach, flatten, map_leaves, unbox, with_value
+from .tree import LORA_A, LORA_B, flatten, put_factors, unbox
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -332,11 +331,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
     loaded[site.path + LORA_A] = np.stack(a_layers).reshape(site.a_shape)
     loaded[site.path + LORA_B] = np.stack(b_layers).reshape(site.b_shape)
 
-  tree = attach(plan, base, jax.random.key(0))
-
-  def put(path: str, leaf: Any) -> Any:
-    if path not in loaded:
-      return leaf
-    return with_value(leaf, jnp.asarray(loaded[path], unbox(leaf).dtype))
-
-  return map_leaves(put, tree), plan
+  kernels = flatten(base)
+  dtype = lambda path: jnp.promote_types(unbox(kernels[path]).dtype, jnp.float32)  # as lj.attach
+  factors = {s.path: (s.layout, jnp.asarray(loaded[s.path + LORA_A], dtype(s.path)),
+                      jnp.asarray(loaded[s.path + LORA_B], dtype(s.path))) for s in plan.sites}
+  return put_factors(base, factors, "lj.import_peft"), plan

@@ -40,6 +40,13 @@ class Layout:
     pick = lambda role: tuple(sorted(j for j, r in roles.items() if r == role))
     return cls(pick("stack"), pick("in"), pick("out"))
 
+  def factor_axes(self, per_axis: Sequence[Any]) -> tuple[tuple, tuple]:
+    """Per-axis values of the kernel (sharding names, partition specs) carried over to its
+    factors: `(A's, B's)` = `((*stack, *in, None), (*stack, None, *out))`, None on the rank axis."""
+    pick = lambda axes: tuple(per_axis[j] for j in axes)
+    return ((*pick(self.stack_axes), *pick(self.in_axes), None),
+            (*pick(self.stack_axes), None, *pick(self.out_axes)))
+
   def describe(self, shape: Sequence[int]) -> str:
     fmt = lambda axes: "(" + ",".join(str(shape[j]) for j in axes) + ")"
     parts = ([f"stack={fmt(self.stack_axes)}"] if self.stack_axes else [])

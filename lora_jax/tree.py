@@ -213,9 +213,6 @@ def attach(plan: Any, variables: PyTree, key: jax.Array) -> PyTree:
   The factors are float32 (float64 for float64 kernels) whatever the kernel's dtype, and boxed
   like their kernel. Since `B = 0`, the model's output is unchanged. Returns a new tree.
   """
-  existing = lora_paths(variables)
-  if existing:
-    raise ValueError(f"lj.attach: variables already carry LoRA leaves (e.g. {existing[0]!r})")
   leaves = flatten(variables)
   init = INITIALIZERS[plan.config.init]
   sites = {}
@@ -228,22 +225,28 @@ def attach(plan: Any, variables: PyTree, key: jax.Array) -> PyTree:
     dtype = jnp.promote_types(w.dtype, jnp.float32)
     a = init(jax.random.fold_in(key, i), s.a_shape, s.fan_in, dtype)
     b = jnp.zeros(s.b_shape, dtype)
-    sites[s.path] = (s, a, b)
+    sites[s.path] = (s.layout, a, b)
 
-  def siblings(path, key_, leaf):
-    if path not in sites:
+  return put_factors(variables, sites, "lj.attach")
+
+
+def put_factors(variables: PyTree, factors: Mapping[str, tuple[Any, Any, Any]], who: str) -> PyTree:
+  """`variables` with `<name>_lora_a` / `<name>_lora_b` inserted after each kernel in `factors`
+  (`{path: (layout, A, B)}`), boxed like the kernel; a `nn.Partitioned` kernel's axis names carry
+  over to the matching factor axes (`Layout.factor_axes`). `who` prefixes error messages."""
+  existing = lora_paths(variables)
+  if existing:
+    raise ValueError(f"{who}: variables already carry LoRA leaves (e.g. {existing[0]!r})")
+
+  def siblings(path, key, leaf):
+    if path not in factors:
       return {}
-    if not isinstance(key_, str):
-      raise ValueError(f"lj.attach: {path}: the kernel sits in a list/tuple; its LoRA leaves need "
+    if not isinstance(key, str):
+      raise ValueError(f"{who}: {path}: the kernel sits in a list/tuple; its LoRA leaves need "
                        "a dict (or NNX State) parent to sit beside it")
-    s, a, b = sites[path]
+    layout, a, b = factors[path]
     names = getattr(leaf, "names", None)
-    a_names = b_names = None
-    if names is not None:  # keep the kernel's sharding names on the matching adapter axes
-      pick = lambda axes: tuple(names[j] for j in axes)
-      lay = s.layout
-      a_names = (*pick(lay.stack_axes), *pick(lay.in_axes), None)
-      b_names = (*pick(lay.stack_axes), None, *pick(lay.out_axes))
-    return {f"{key_}{LORA_A}": box_like(leaf, a, a_names), f"{key_}{LORA_B}": box_like(leaf, b, b_names)}
+    a_names, b_names = layout.factor_axes(names) if names is not None else (None, None)
+    return {f"{key}{LORA_A}": box_like(leaf, a, a_names), f"{key}{LORA_B}": box_like(leaf, b, b_names)}
 
   return map_leaves(lambda p, x: x, variables, siblings=siblings)
