@@ -83,15 +83,15 @@ def xent(logits: jax.Array, tokens: jax.Array) -> jax.Array:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
   """The model / LoRA / timing flags both benchmarks share."""
-  p.add_argument("--layers", type=int, default=6)
-  p.add_argument("--d-model", type=int, default=512)
-  p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--vocab", type=int, default=8192)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--seq", type=int, default=128)
-  p.add_argument("--rank", type=int, default=8)
-  p.add_argument("--alpha", type=float, default=16.0)
-  p.add_argument("--lr", type=float, default=1e-4)
+  p.add_argument("--layers", type=int, default=6, help="transformer blocks (default 6)")
+  p.add_argument("--d-model", type=int, default=512, help="model width (default 512)")
+  p.add_argument("--heads", type=int, default=8, help="attention heads; must divide --d-model")
+  p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default 8192)")
+  p.add_argument("--batch", type=int, default=8, help="sequences per batch (default 8)")
+  p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+  p.add_argument("--rank", type=int, default=8, help="LoRA rank r on every adapted kernel")
+  p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / r)")
+  p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
   p.add_argument("--no-prime", action="store_true",
                  help="do not precede each timed call with an untimed call of the same variant")
   p.add_argument("--quick", action="store_true",

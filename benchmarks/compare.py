@@ -78,7 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--forward-reps", type=int, default=None, help="default: 2 x --reps")
   p.add_argument("--merge-reps", type=int, default=None, help="default: 2 x --reps")
   p.add_argument("--no-rss", action="store_true", help="skip the per-process peak RSS runs")
-  p.add_argument("--json", default=os.path.join(HERE, "compare_results.json"))
+  p.add_argument("--json", default=os.path.join(HERE, "compare_results.json"),
+                 help="where to write every measurement (default benchmarks/compare_results.json)")
   p.add_argument("--png", default=None, help="bar chart (default docs/compare_<backend>.png)")
   p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
