@@ -134,7 +134,7 @@ def build(args: argparse.Namespace, dtype: Any = jnp.float32, verbose: bool = Tr
   if set(plan.paths) != want:
     raise SystemExit(f"plan selects the wrong kernels: extra {sorted(set(plan.paths) - want)}, "
                      f"missing {sorted(want - set(plan.paths))}")
-  not_factored = [s.path for s in plan.sites if s.use != ("dot_general",)]
+  not_factored = [s.path for s in plan.sites if tuple(map(str, s.use)) != ("dot_general",)]
   if not_factored:
     raise SystemExit(f"sites not kept factored as a single dot_general: "
                      f"{[(p, plan.site(p).use) for p in not_factored]}")

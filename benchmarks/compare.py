@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 import lora_jax as lj
+from lora_jax._src import tree as lj_tree
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nnx_lm  # noqa: E402
@@ -233,7 +234,7 @@ class Builders:
   def merges(self) -> list[Variant]:
     """Both donate their input; `prepare` hands each call a fresh copy (untimed)."""
     plan, tree = self.s.plan, self.s.tree
-    kernels = {p: lj.tree.flatten(tree)[p] for p in plan.paths}
+    kernels = {p: lj_tree.flatten(tree)[p] for p in plan.paths}
     touch = lambda ks: {p: k * jnp.asarray(1.0001, k.dtype) for p, k in ks.items()}
     return [
         Variant("lora_jax merge", "merge", jax.jit(lambda t: lj.merge(plan, t), donate_argnums=0),
@@ -507,7 +508,7 @@ def main(argv=None) -> dict[str, Any]:
   print()
   print(table(rows))
   merge_mem = by[("merge", OURS["merge"])].memory
-  kernel_bytes = sum(x.nbytes for p, x in lj.tree.flatten(setup.tree).items()
+  kernel_bytes = sum(x.nbytes for p, x in lj_tree.flatten(setup.tree).items()
                      if p in setup.plan.paths)
   merge_check = None
   if merge_mem:

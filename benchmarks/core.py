@@ -196,7 +196,7 @@ def main(argv=None) -> dict[str, Any]:
       "machine": info,
       "config": {k: v for k, v in vars(args).items() if k != "out"},
       "lora": {"targets": TARGETS, "sites": len(plan.sites), "lora_params": plan.num_params,
-               "base_params": plan.base_params, "uses": sorted({u for s in plan.sites for u in s.use})},
+               "base_params": plan.base_params, "uses": sorted({str(u) for s in plan.sites for u in s.use})},
       "checks": {"max_abs_unmerged_vs_merged": err_un, "max_abs_merge_forward_vs_merged": err_mf,
                  "recompiled_during_timing": recompiled,
                  "loadavg_before_timing": load_before, "loadavg_after_timing": load_after},

@@ -1,17 +1,20 @@
 """lora_jax: LoRA for any JAX function, as pure functions over parameter pytrees."""
 
-from .apply import merged, unmerged
-from .checkpoint import CheckpointError, TrainingCheckpointer, load_adapter, save_adapter
-from .config import LoraConfig
-from .merge import delta, merge
-from .optim import freeze_base
-from .peft import export_peft, import_peft, peft_key_map
-from .plan import Layout, Plan, Site, plan
-from .tree import attach, combine, split, strip, trainable_mask
+from ._src import checkpoint
+from ._src.adapters import LoraWeight, attach, combine, split, strip, trainable_mask
+from ._src.apply import merged, unmerged
+from ._src.checkpoint import CheckpointError, load_adapter, save_adapter
+from ._src.config import LoraConfig
+from ._src.interpret import Use
+from ._src.layout import Layout, Role
+from ._src.merge import delta, merge
+from ._src.optim import freeze_base
+from ._src.peft import export_peft, import_peft, peft_key_map
+from ._src.plan import Plan, Site, plan
+from ._src.training import TrainingCheckpointer
+from ._src.version import __version__
 
-__version__ = "0.1.0"
-
-__all__ = ["CheckpointError", "Layout", "LoraConfig", "Plan", "Site", "TrainingCheckpointer", "attach",
-           "combine", "delta", "export_peft", "freeze_base", "import_peft", "load_adapter", "merge",
-           "merged", "peft_key_map", "plan", "save_adapter", "split", "strip", "trainable_mask",
-           "unmerged"]
+__all__ = ["CheckpointError", "Layout", "LoraConfig", "LoraWeight", "Plan", "Role", "Site",
+           "TrainingCheckpointer", "Use", "__version__", "attach", "checkpoint", "combine", "delta",
+           "export_peft", "freeze_base", "import_peft", "load_adapter", "merge", "merged",
+           "peft_key_map", "plan", "save_adapter", "split", "strip", "trainable_mask", "unmerged"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
+from lora_jax._src import tree as lj_tree
 import zoo
 
 NAMES = ["mlp", "attention_block", "scan_remat", "cnn", "embed_tied", "einsum_module", "nnx",
@@ -78,10 +79,10 @@ def test_unmerged_equals_merged_values_and_grads(name):
   (y_u, g_u), (y_m, g_m) = results["unmerged"], results["merged"]
   assert float(jnp.max(jnp.abs(y_u - y_base))) > 1e-2, "random factors must change the output"
   np.testing.assert_allclose(y_u, y_m, rtol=2e-5, atol=2e-5)
-  flat_u, flat_m = lj.tree.flatten(g_u), lj.tree.flatten(g_m)
+  flat_u, flat_m = lj_tree.flatten(g_u), lj_tree.flatten(g_m)
   assert flat_u.keys() == flat_m.keys() and len(flat_u) == 2 * entry.n_sites
   for p in flat_u:
-    gu, gm = lj.tree.unbox(flat_u[p]), lj.tree.unbox(flat_m[p])
+    gu, gm = lj_tree.unbox(flat_u[p]), lj_tree.unbox(flat_m[p])
     assert float(jnp.max(jnp.abs(gm))) > 0, p
     np.testing.assert_allclose(gu, gm, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(gm))), err_msg=p)
 

@@ -17,7 +17,9 @@ import pytest
 from flax import nnx
 
 import lora_jax as lj
-from lora_jax import checkpoint as ckpt_lib
+from lora_jax._src import tree as lj_tree
+from lora_jax._src import adapters as lj_adapters
+from lora_jax._src import checkpoint as ckpt_lib
 import zoo
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -25,10 +27,10 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 def _randomise_b(tree, key):
   """Nonzero B (attach gives B = 0), so outputs and checksums really depend on every factor."""
-  paths = [p for p in lj.tree.lora_paths(tree) if p.endswith("_lora_b")]
-  values = {p: 0.1 * jax.random.normal(jax.random.fold_in(key, i), jnp.shape(lj.tree.unbox(x)))
-            for i, (p, x) in enumerate(lj.tree.flatten(tree).items()) if p in paths}
-  return lj.tree.map_leaves(lambda p, x: lj.tree.with_value(x, values[p]) if p in values else x, tree)
+  paths = [p for p in lj_adapters.lora_paths(tree) if p.endswith("_lora_b")]
+  values = {p: 0.1 * jax.random.normal(jax.random.fold_in(key, i), jnp.shape(lj_tree.unbox(x)))
+            for i, (p, x) in enumerate(lj_tree.flatten(tree).items()) if p in paths}
+  return lj_tree.map_leaves(lambda p, x: lj_tree.with_value(x, values[p]) if p in values else x, tree)
 
 
 def _trained(name, **cfg):
@@ -39,7 +41,7 @@ def _trained(name, **cfg):
 
 
 def _leaves(tree):
-  return {p: np.asarray(lj.tree.unbox(x)) for p, x in lj.tree.flatten(tree).items()}
+  return {p: np.asarray(lj_tree.unbox(x)) for p, x in lj_tree.flatten(tree).items()}
 
 
 def _assert_bit_identical(got, want):
@@ -96,7 +98,7 @@ def test_metadata_describes_the_adapter_and_no_base_weight_is_written(tmp_path):
   meta = ckpt_lib.read_metadata(tmp_path)
   assert meta["lora_jax_version"] == lj.__version__
   assert lj.Plan.from_dict(meta["plan"]) == plan
-  kernels = lj.tree.flatten(e.variables)
+  kernels = lj_tree.flatten(e.variables)
   assert meta["base_fingerprint"] == [{"path": s.path, "shape": list(kernels[s.path].shape),
                                        "dtype": "float32"} for s in plan.sites]
   want = {p: x for p, x in _leaves(tree).items() if p.endswith(("_lora_a", "_lora_b"))}
@@ -106,7 +108,7 @@ def test_metadata_describes_the_adapter_and_no_base_weight_is_written(tmp_path):
   import orbax.checkpoint as ocp
   version = tmp_path / (tmp_path / "LATEST").read_text()
   stored = ocp.StandardCheckpointer().restore(version / "lora")
-  assert sorted(lj.tree.flatten(stored)) == sorted(want)
+  assert sorted(lj_tree.flatten(stored)) == sorted(want)
 
 
 def test_size_on_disk_is_the_raw_adapter_bytes(tmp_path):
@@ -256,6 +258,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
   import sys, jax, jax.numpy as jnp, numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   import lora_jax as lj
+  from lora_jax._src import tree as lj_tree
   d = sys.argv[1]
   mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
   put = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
@@ -267,16 +270,16 @@ SHARDING_SCRIPT = textwrap.dedent("""
   x = jnp.ones((3, 8))
   plan = lj.plan(lj.LoraConfig(targets=".*/kernel", rank=2), base, apply_fn=fn, args=(x,))
   assert plan.site("stack/kernel").layout == lj.Layout((0,), (1,), (2, 3)), plan
-  host = {p: jax.device_get(v) for p, v in lj.tree.flatten(base).items()}
+  host = {p: jax.device_get(v) for p, v in lj_tree.flatten(base).items()}
   tree = lj.attach(plan, {"dense": {"kernel": host["dense/kernel"]},
                           "stack": {"kernel": host["stack/kernel"]}}, jax.random.key(1))
   tree["dense"]["kernel_lora_b"] = jnp.full((2, 12), 0.5)
   lj.save_adapter(d, plan, tree)
   loaded, _ = lj.load_adapter(d, base)
-  for p, x in lj.tree.flatten(loaded).items():
+  for p, x in lj_tree.flatten(loaded).items():
     if "_lora_" in p:
       print(p, tuple(x.sharding.spec), x.addressable_shards[0].data.shape,
-            np.array_equal(x, lj.tree.flatten(tree)[p]))
+            np.array_equal(x, lj_tree.flatten(tree)[p]))
   rep = NamedSharding(mesh, P())
   loaded, _ = lj.load_adapter(d, base, shardings={"dense/kernel_lora_a": rep})
   print("given", tuple(loaded["dense"]["kernel_lora_a"].sharding.spec),
@@ -365,7 +368,7 @@ def test_training_checkpointer_keeps_last_k_and_never_stores_the_base(tmp_path):
   disk = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
   assert disk < 256 * 1024, disk  # two checkpoints; the base alone is > 4 MiB
   # the base leaves are the template's own (never read from disk), adapters restored bit-exactly
-  flat_back, flat_tree = lj.tree.flatten(back), lj.tree.flatten(tree)
+  flat_back, flat_tree = lj_tree.flatten(back), lj_tree.flatten(tree)
   assert list(flat_back) == list(flat_tree)
   for p, x in flat_tree.items():
     assert (flat_back[p] is x) if "_lora_" not in p else np.array_equal(flat_back[p], x), p

@@ -14,6 +14,7 @@ import pytest
 from conftest import optional
 
 import lora_jax as lj
+from lora_jax._src import tree as lj_tree
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
@@ -35,7 +36,7 @@ def setup():
     base = s.model.apply(s.variables, s.tokens)
   # the LoRA terms must matter, or "same output" would prove nothing
   assert float(jnp.max(jnp.abs(ref - base))) > 100 * ATOL
-  return s, np.asarray(ref), float(ref_loss), lj.tree.flatten(lj.split(ref_grads)[0])
+  return s, np.asarray(ref), float(ref_loss), lj_tree.flatten(lj.split(ref_grads)[0])
 
 
 def _a_b(flat, prefix):
@@ -60,7 +61,7 @@ def test_qwix_same_function_and_gradients(setup):
         lambda a: common.xent(qmodel.apply(qwix_lm.combine(base, a), s.tokens), s.tokens))(ad)
   np.testing.assert_allclose(np.asarray(y), ref, atol=ATOL)
   assert abs(float(loss) - ref_loss) < ATOL
-  flat = lj.tree.flatten(grads)
+  flat = lj_tree.flatten(grads)
   assert sum(x.size for x in flat.values()) == s.plan.num_params
   for path in s.plan.paths:
     for suffix in ("_lora_a", "_lora_b"):

@@ -63,10 +63,11 @@ def test_digits_mlp_lora_beats_base_on_rotated_digits(tmp_path):
   assert int(unmerged.group(1).replace(",", "")) == n_lora, out
   assert abs(float(unmerged.group(2)) - 100 * n_lora / n_base) < 0.01, out
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  # The saved adapter is small next to the model (raw float32 weights: 4 bytes per parameter).
+  # The saved adapter holds the factors' raw bytes (4 per float32 parameter) plus metadata whose
+  # size orbax varies from run to run: the README's rule, <= 1.02 x raw + 64 KiB, cannot flake.
   adapter_kib = number(r"([\d.]+) KiB on disk", out)
   assert number(r"the model's weights: ([\d.]+) KiB", out) == pytest.approx(4 * n_base / 1024, abs=0.05)
-  assert adapter_kib < 4 * n_base / 1024 and (adapter_dir / "LATEST").exists(), out
+  assert adapter_kib <= 1.02 * 4 * n_lora / 1024 + 64 and (adapter_dir / "LATEST").exists(), out
 
 
 def test_transformer_lm_lora_learns_the_new_rule():

@@ -8,6 +8,7 @@ import pytest
 from jax.extend import core as jex
 
 import lora_jax as lj
+from lora_jax._src import tree as lj_tree
 import zoo
 
 
@@ -39,13 +40,13 @@ def test_freeze_base_keeps_base_bit_identical_and_state_only_for_adapters(donate
     return optax.apply_updates(tree, updates), state
 
   step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-  before = {k: np.array(v) for k, v in lj.tree.flatten(tree).items()}
-  base_paths = set(lj.tree.flatten(lj.strip(tree)))
+  before = {k: np.array(v) for k, v in lj_tree.flatten(tree).items()}
+  base_paths = set(lj_tree.flatten(lj.strip(tree)))
   losses = []
   for _ in range(5):
     losses.append(float(loss(tree)))
     tree, state = step(tree, state)
-  after = lj.tree.flatten(tree)
+  after = lj_tree.flatten(tree)
   for path in before:
     if path in base_paths:
       np.testing.assert_array_equal(_bits(after[path]), _bits(before[path]), err_msg=path)

@@ -13,7 +13,7 @@ import pytest
 from conftest import optional
 
 import lora_jax as lj
-from lora_jax import _safetensors
+from lora_jax._src import _safetensors
 
 KEY_MAP = lj.peft_key_map.linen(scanned=("layers",))
 
@@ -114,7 +114,7 @@ def test_export_writes_peft_layout(net, tmp_path):
 def test_patterns_resolve_like_peft_for_suffix_names():
   """A module `fc` and a module `b.fc` with different ranks: PEFT matches pattern keys as dotted
   suffixes, so `b.fc` needs its own entry before `fc`."""
-  from lora_jax.peft import _patterns, _peft_lookup
+  from lora_jax._src.peft import _patterns, _peft_lookup
   values = {"fc": 4, "b.fc": 8, "a.fc": 8, "c": 8}
   default, pattern = _patterns(values)
   assert default == 8

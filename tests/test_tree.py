@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 import lora_jax as lj
+from lora_jax._src import tree as lj_tree
 import zoo
 
 
@@ -40,25 +41,25 @@ def test_strip_is_bit_exact_and_identity():
   e, p, tree = _mlp_tree()
   base = lj.strip(tree)
   assert jax.tree_util.tree_structure(base) == jax.tree_util.tree_structure(e.variables)
-  for (pa, a), (pb, b) in zip(lj.tree.flatten(base).items(), lj.tree.flatten(e.variables).items()):
+  for (pa, a), (pb, b) in zip(lj_tree.flatten(base).items(), lj_tree.flatten(e.variables).items()):
     assert pa == pb and a is b
 
 
 def test_split_combine_round_trip_and_mask():
   e, p, tree = _mlp_tree()
   adapters, base = lj.split(tree)
-  assert sorted(lj.tree.flatten(adapters)) == sorted(
+  assert sorted(lj_tree.flatten(adapters)) == sorted(
       f"{s.path}{suf}" for s in p.sites for suf in ("_lora_a", "_lora_b"))
   back = lj.combine(base, adapters)
   assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
   mask = lj.trainable_mask(tree)
   assert jax.tree_util.tree_structure(mask) == jax.tree_util.tree_structure(tree)
-  for path, m in lj.tree.flatten(mask).items():
+  for path, m in lj_tree.flatten(mask).items():
     assert m == path.endswith(("_lora_a", "_lora_b")), path
   with pytest.raises(ValueError, match="must hold only LoRA leaves"):
     lj.combine(base, base)
-  bad = {"params": {"Nope": {"kernel_lora_a": jnp.zeros(2)}}}
-  with pytest.raises(ValueError, match="no kernel in `base` for adapter leaf 'params/Nope/kernel_lora_a'"):
+  bad = {"params": {"Nope": {"kernel_lora_a": jnp.zeros(2), "kernel_lora_b": jnp.zeros(2)}}}
+  with pytest.raises(ValueError, match="params/Nope/kernel: no kernel leaf of that name in the base"):
     lj.combine(base, bad)
 
 
@@ -117,12 +118,19 @@ def test_adapters_outside_the_plan_are_rejected():
     lj.unmerged(e.fn, small)(tree, e.x)
 
 
-def test_kernel_in_a_list_is_refused_before_anything_is_built():
-  params = {"layers": [jnp.ones((4, 4)), jnp.ones((4, 4))]}
+def test_kernel_in_a_list_becomes_a_lora_weight_node_with_the_same_names():
+  params = {"layers": [jnp.ones((4, 4)), 2 * jnp.ones((4, 4))]}
   p = lj.plan(lj.LoraConfig(targets=r"layers/\d", rank=2), params)
   assert p.paths == ("layers/0", "layers/1")
-  with pytest.raises(ValueError, match="layers/0: the kernel sits in a list/tuple"):
-    lj.attach(p, params, jax.random.key(0))
+  tree = lj.attach(p, params, jax.random.key(0))
+  assert isinstance(tree["layers"][0], lj.LoraWeight) and tree["layers"][0].w is params["layers"][0]
+  assert list(lj_tree.flatten(tree)) == ["layers/0", "layers/0_lora_a", "layers/0_lora_b",
+                                         "layers/1", "layers/1_lora_a", "layers/1_lora_b"]
+  adapters, base = lj.split(tree)
+  assert base["layers"][1] is params["layers"][1]
+  assert adapters["layers"][0].w is None and adapters["layers"][0].lora_a.shape == (4, 2)
+  back = lj.combine(base, adapters)
+  assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
 
 
 def test_returned_nnx_trees_share_no_variables_with_the_model():

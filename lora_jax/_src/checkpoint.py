@@ -19,7 +19,6 @@ any point leaves the previous checkpoint readable. Older versions are deleted af
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -33,10 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
+from jax.sharding import Sharding, SingleDeviceSharding
 
-from .plan import Plan, Site, site_arrays
-from .tree import LORA_A, LORA_B, combine, flatten, lora_paths, put_factors, split, strip, unbox
+from .adapters import LORA_A, LORA_B, factor_shardings, lora_paths, put_factors, site_arrays
+from .plan import Plan, Site
+from .tree import flatten, unbox
+from .version import __version__
 
 PyTree = Any
 FORMAT = "lora_jax.adapter/1"
@@ -47,13 +48,6 @@ _VERSION_DIR = re.compile(r"adapter-(\d+)(\.orbax-checkpoint-tmp.*)?")
 
 class CheckpointError(ValueError):
   """An adapter checkpoint directory that is missing, truncated or corrupted."""
-
-
-def _lora_jax_version() -> str:
-  try:
-    return importlib.metadata.version("lora_jax")
-  except importlib.metadata.PackageNotFoundError:
-    return "unknown"
 
 
 @jax.jit
@@ -91,7 +85,7 @@ def _metadata(plan: Plan, kernels: dict[str, Any], leaves: dict[str, jax.Array])
   sums = _checksums(list(leaves.values()))
   return {
       "format": FORMAT,
-      "lora_jax_version": _lora_jax_version(),
+      "lora_jax_version": __version__,
       "plan": plan.to_dict(),
       "base_fingerprint": [{"path": s.path, "shape": list(kernels[s.path][0].shape),
                             "dtype": jnp.dtype(kernels[s.path][0].dtype).name} for s in plan.sites],
@@ -218,17 +212,13 @@ def _check_base(meta: dict[str, Any], base: PyTree, where: pathlib.Path) -> dict
 
 
 def _adapter_sharding(site: Site, kernel: Any, factor: str) -> Sharding | None:
-  """A kernel's `NamedSharding` carried over to its factor: A gets the kernel's specs on its stack
-  and in axes, B on its stack and out axes; the rank axis is replicated. A kernel on one device
-  puts its factors on that device."""
+  """Where a factor goes by default: like its kernel's `NamedSharding` (`factor_shardings`), or
+  on a single-device kernel's device."""
+  a_sharding, b_sharding = factor_shardings(site.layout, kernel)
+  if a_sharding is not None:
+    return a_sharding if factor == LORA_A else b_sharding
   sharding = getattr(kernel, "sharding", None)
-  if isinstance(sharding, NamedSharding):
-    spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
-    a_axes, b_axes = site.layout.factor_axes(spec)
-    return NamedSharding(sharding.mesh, PartitionSpec(*(a_axes if factor == LORA_A else b_axes)))
-  if isinstance(sharding, SingleDeviceSharding):
-    return sharding
-  return None
+  return sharding if isinstance(sharding, SingleDeviceSharding) else None
 
 
 def _target_shardings(plan: Plan, base_leaves: dict[str, Any], shardings: Any) -> dict[str, Sharding]:
@@ -320,97 +310,3 @@ def load_adapter(directory: str | os.PathLike, base: PyTree, *,
   plan = dataclasses.replace(plan, sites=tuple(dataclasses.replace(s, dtype=dtypes[s.path])
                                                for s in plan.sites))
   return tree, plan
-
-
-def _abstract(tree: PyTree) -> PyTree:
-  """`ShapeDtypeStruct`s (with the leaves' shardings) for a restore target."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x),
-                                                     sharding=getattr(x, "sharding", None)), tree)
-
-
-class TrainingCheckpointer:
-  """Training checkpoints of `(adapters, optimizer state, step)` over `orbax.checkpoint.CheckpointManager`.
-
-  Saves every `save_every` steps, keeps the latest `keep`, resumes the latest. Only the LoRA leaves
-  are written: pass the full LoRA tree (e.g. trained with `lj.freeze_base`) or the adapters from
-  `lj.split`, and the frozen base never reaches the disk. The optimizer state is saved with its
-  structure (e.g. adamw's `count`, `mu`, `nu`); it should hold state for the adapters only (as
-  `tx.init(adapters)` or `lj.freeze_base` do), else it would carry base-sized moments.
-
-      ckpt = lj.TrainingCheckpointer(directory, save_every=100, keep=3)
-      if (restored := ckpt.restore_latest(adapters, opt_state)) is not None:
-        start, adapters, opt_state = restored
-      for step in range(start, steps):
-        adapters, opt_state = train_step(adapters, opt_state)
-        ckpt.save(step + 1, adapters, opt_state)
-      ckpt.close()
-
-  Saves are synchronous (they finish before `save` returns), so the arrays may be donated to the
-  next step right after.
-  """
-
-  def __init__(self, directory: str | os.PathLike, *, save_every: int = 1, keep: int | None = 3):
-    if save_every < 1:
-      raise ValueError(f"TrainingCheckpointer: save_every must be >= 1, got {save_every}")
-    if keep is not None and keep < 1:
-      raise ValueError(f"TrainingCheckpointer: keep must be >= 1 or None (keep all), got {keep}")
-    self.directory = pathlib.Path(directory).absolute()
-    preservation = (ocp.checkpoint_managers.PreserveAll() if keep is None
-                    else ocp.checkpoint_managers.LatestN(n=keep))
-    self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, preservation_policy=preservation, create=True,
-        enable_async_checkpointing=False))
-
-  @staticmethod
-  def _adapters(params: PyTree, what: str) -> PyTree:
-    adapters, _ = split(params)
-    if not lora_paths(adapters):
-      raise ValueError(f"TrainingCheckpointer.{what}: `params` has no LoRA leaves "
-                       "(*_lora_a/*_lora_b); pass the LoRA tree or the adapters of lj.split")
-    return adapters
-
-  def save(self, step: int, params: PyTree, opt_state: PyTree, *, force: bool = False) -> bool:
-    """Save the LoRA leaves of `params` and `opt_state` as `step` if `step` is due (a multiple of
-    `save_every`, or the first save) or `force`. Returns whether it saved."""
-    adapters = self._adapters(params, "save")
-    return self._manager.save(int(step), force=force, args=ocp.args.Composite(
-        adapters=ocp.args.StandardSave(adapters), opt_state=ocp.args.StandardSave(opt_state)))
-
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
-
-  def restore(self, step: int, params_like: PyTree, opt_state_like: PyTree
-              ) -> tuple[int, PyTree, PyTree]:
-    """`(step, params, opt_state)` of checkpoint `step`, with the structure, dtypes and shardings
-    of the templates (real arrays, or `jax.eval_shape` output). If `params_like` is a full LoRA
-    tree, its base leaves are reused as they are and the restored adapters put next to them."""
-    if step not in self._manager.all_steps():
-      raise CheckpointError(f"{self.directory}: no training checkpoint for step {step} "
-                            f"(have {self.all_steps()})")
-    adapters_like = self._adapters(params_like, "restore")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        adapters=ocp.args.StandardRestore(_abstract(adapters_like)),
-        opt_state=ocp.args.StandardRestore(_abstract(opt_state_like))))
-    adapters = restored["adapters"]
-    if len(flatten(adapters_like)) != len(flatten(params_like)):
-      adapters = combine(strip(params_like), adapters)
-    return step, adapters, restored["opt_state"]
-
-  def restore_latest(self, params_like: PyTree, opt_state_like: PyTree
-                     ) -> tuple[int, PyTree, PyTree] | None:
-    """`restore(latest_step(), ...)`, or None when there is no checkpoint yet."""
-    step = self._manager.latest_step()
-    return None if step is None else self.restore(step, params_like, opt_state_like)
-
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
-
-  def __enter__(self) -> "TrainingCheckpointer":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()

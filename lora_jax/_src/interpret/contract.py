@@ -13,8 +13,11 @@ import string
 import jax.numpy as jnp
 from jax.extend.core import primitives as P
 
-from .core import bind, materialize, materialize_all, rule
-from .tracked import Tracked
+from ..layout import Role
+from .core import Apply, Infer, applies, bind, infers, materialize, materialize_all
+from .values import Tracked, View
+
+I, O, S = Role.IN, Role.OUT, Role.STACK
 
 
 def _with_b(t: Tracked, h, axis: int):
@@ -25,42 +28,55 @@ def _with_b(t: Tracked, h, axis: int):
 
 def _a_in_view(t: Tracked):
   """A arranged like the kernel's view, with the single out-axis replaced by the rank axis."""
-  n_i = t.count("i")
-  return jnp.transpose(t.a, [k if role == "i" else n_i for role, k in t.axes])
+  n_i = t.count(I)
+  return jnp.transpose(t.a, [k if role is I else n_i for role, k in t.axes])
 
 
-@rule(P.dot_general_p)
-def _dot_general(eqn, invals, ctx):
+@infers(P.dot_general_p)
+def _dot_general_infer(eqn, views, ctx: Infer):
+  """Contracting axes are in-axes, batch axes stack axes, the rest out-axes."""
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  for view, c, b in ((views[0], lc, lb), (views[1], rc, rb)):
+    if isinstance(view, View):
+      free = [j for j in range(len(view.axes)) if j not in c and j not in b]
+      ctx.note("dot_general", view, {I: list(c), S: list(b), O: free})
+  return [None]
+
+
+@applies(P.dot_general_p)
+def _dot_general(eqn, invals, ctx: Apply):
   lhs, rhs = invals
   if isinstance(lhs, Tracked) and isinstance(rhs, Tracked):  # W1·W2: keep one factored
-    lhs = materialize(lhs, ctx, "dot_general with two kernels")
+    lhs = materialize(lhs, ctx, "dot_general of two kernels", "dot_general")
   kernel_is_rhs = isinstance(rhs, Tracked)
   x, t = (lhs, rhs) if kernel_is_rhs else (rhs, lhs)
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
-  if set(kc) == set(t.view_axes("i")):
-    first = "i"
-  elif set(kc) == set(t.view_axes("o")):
-    first = "o"
+  if set(kc) == set(t.view_axes(I)):
+    first = I
+  elif set(kc) == set(t.view_axes(O)):
+    first = O
   else:
     first = None
-  if first is None or any(t.axes[j][0] != "s" for j in kb):
-    return materialize_all(eqn, [lhs, rhs], ctx)
-  ctx.record(t.site, "dot_general")
+  if first is None:
+    return materialize_all(eqn, [lhs, rhs], ctx, "dot_general contracting in and out axes together")
+  if any(t.axes[j][0] is not S for j in kb):
+    return materialize_all(eqn, [lhs, rhs], ctx, "dot_general batching a non-stack axis")
+  ctx.low_rank(t, "dot_general")
   base = bind(eqn, [x, t.w] if kernel_is_rhs else [t.w, x])[0]
 
   opts = dict(precision=eqn.params.get("precision"),
               preferred_element_type=eqn.params.get("preferred_element_type"))
   x = ctx.drop(x)
   y = None
-  if kernel_is_rhs and not xb and not t.count("s"):
+  if kernel_is_rhs and not xb and not t.count(S):
     y = _low_rank_2d(x, t, xc, kc, first, opts)
   if y is None:
     y = _low_rank_einsum(x, t, xc, kc, xb, kb, kernel_is_rhs, first, opts)
   return [base + y.astype(base.dtype)]
 
 
-def _low_rank_2d(x, t: Tracked, xc, kc, first: str, opts):
+def _low_rank_2d(x, t: Tracked, xc, kc, first: Role, opts):
   """`((x2·F1)·s)·F2` on x flattened to `(rows, fan)`, when x's contracted axes are its trailing
   axes in the factor's order and the output axes come out in the other factor's order.
 
@@ -72,21 +88,21 @@ def _low_rank_2d(x, t: Tracked, xc, kc, first: str, opts):
       range(x.ndim - n, x.ndim)) else None
   if order is None or order != t.view_axes(first):
     return None
-  second = "o" if first == "i" else "i"
+  second = O if first is I else I
   free = [j for j in range(t.w.ndim) if j not in kc]
   if free != t.view_axes(second):
     return None
   rank = t.a.shape[-1]
   a = t.a.astype(t.w.dtype).reshape(-1, rank)  # (fan_in, r)
   b = t.b.astype(t.w.dtype).reshape(rank, -1)  # (r, fan_out)
-  f1, f2 = (a, b) if first == "i" else (b.T, a.T)
+  f1, f2 = (a, b) if first is I else (b.T, a.T)
   rows = x.reshape(-1, f1.shape[0])
   h = jnp.matmul(rows, f1, **opts)
   y = jnp.matmul(h * jnp.asarray(t.scale, h.dtype), f2.astype(h.dtype), **opts)
   return y.reshape(*x.shape[:x.ndim - n], *(t.w.shape[j] for j in free))
 
 
-def _low_rank_einsum(x, t: Tracked, xc, kc, xb, kb, kernel_is_rhs: bool, first: str, opts):
+def _low_rank_einsum(x, t: Tracked, xc, kc, xb, kb, kernel_is_rhs: bool, first: Role, opts):
   """The general case (batch dims, stack axes, any axis order) as two einsums."""
   letters = iter(string.ascii_letters)
   x_l = [next(letters) for _ in range(x.ndim)]
@@ -98,50 +114,72 @@ def _low_rank_einsum(x, t: Tracked, xc, kc, xb, kb, kernel_is_rhs: bool, first: 
   k_l = [l if l is not None else next(letters) for l in k_l]
   r = next(letters)
   group = lambda role: [k_l[j] for j in t.view_axes(role)]
-  a_l = group("s") + group("i") + [r]
-  b_l = group("s") + [r] + group("o")
+  a_l = group(S) + group(I) + [r]
+  b_l = group(S) + [r] + group(O)
   x_keep = [l for i, l in enumerate(x_l) if i not in xc]  # x's batch and free axes
-  s_free = [k_l[j] for j in t.view_axes("s") if j not in kb]
+  s_free = [k_l[j] for j in t.view_axes(S) if j not in kb]
   h_l = x_keep + s_free + [r]
   x_free = [x_l[i] for i in range(x.ndim) if i not in xc and i not in xb]
   k_free = [k_l[j] for j in range(t.w.ndim) if j not in kc and j not in kb]
   out_l = [x_l[i] for i in xb] + (x_free + k_free if kernel_is_rhs else k_free + x_free)
 
-  factors = {"i": (t.a, a_l), "o": (t.b, b_l)}
-  (f1, f1_l), (f2, f2_l) = factors[first], factors["o" if first == "i" else "i"]
+  factors = {I: (t.a, a_l), O: (t.b, b_l)}
+  (f1, f1_l), (f2, f2_l) = factors[first], factors[O if first is I else I]
   h = jnp.einsum(f"{''.join(x_l)},{''.join(f1_l)}->{''.join(h_l)}", x, f1.astype(t.w.dtype), **opts)
   h = h * jnp.asarray(t.scale, h.dtype)
   return jnp.einsum(f"{''.join(h_l)},{''.join(f2_l)}->{''.join(out_l)}", h, f2.astype(h.dtype), **opts)
 
 
-@rule(P.conv_general_dilated_p)
-def _conv(eqn, invals, ctx):
+@infers(P.conv_general_dilated_p)
+def _conv_infer(eqn, views, ctx: Infer):
+  """The kernel's output-feature axis is its out-axis; input features and window axes are in."""
+  rhs_spec = eqn.params["dimension_numbers"].rhs_spec
+  if isinstance(views[1], View):
+    ctx.note("conv_general_dilated", views[1], {O: [rhs_spec[0]], I: list(rhs_spec[1:])})
+  return [None]
+
+
+@applies(P.conv_general_dilated_p)
+def _conv(eqn, invals, ctx: Apply):
   x, t = invals
   p = eqn.params
   lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-  if (isinstance(x, Tracked) or not isinstance(t, Tracked) or t.count("s")
-      or t.view_axes("o") != [rhs_spec[0]]
-      or p["feature_group_count"] != 1 or p["batch_group_count"] != 1):
-    return materialize_all(eqn, invals, ctx)
-  ctx.record(t.site, "conv_general_dilated")
+  if isinstance(x, Tracked) or not isinstance(t, Tracked):
+    return materialize_all(eqn, invals, ctx, "conv_general_dilated over a kernel as input")
+  if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    return materialize_all(eqn, invals, ctx, "grouped conv_general_dilated")
+  if t.count(S) or t.view_axes(O) != [rhs_spec[0]]:
+    return materialize_all(eqn, invals, ctx, "conv_general_dilated with an unusual kernel layout")
+  ctx.low_rank(t, "conv_general_dilated")
   base = bind(eqn, [x, t.w])[0]
   h = bind(eqn, [ctx.drop(x), _a_in_view(t).astype(t.w.dtype)])[0]  # r output channels
   return [base + _with_b(t, h, out_spec[1]).astype(base.dtype)]
 
 
-@rule(P.gather_p)
-def _gather(eqn, invals, ctx):
+@infers(P.gather_p)
+def _gather_infer(eqn, views, ctx: Infer):
+  """An embedding lookup: the indexed (collapsed) axes are in-axes, the sliced ones out-axes."""
+  v0 = views[0]
+  if isinstance(v0, View):
+    collapsed = eqn.params["dimension_numbers"].collapsed_slice_dims
+    ctx.note("gather", v0, {I: list(collapsed),
+                            O: [j for j in range(len(v0.axes)) if j not in collapsed]})
+  return [None]
+
+
+@applies(P.gather_p)
+def _gather(eqn, invals, ctx: Apply):
   t, idx = invals
   if isinstance(idx, Tracked) or not isinstance(t, Tracked):
-    return materialize_all(eqn, invals, ctx)
+    return materialize_all(eqn, invals, ctx, "gather with a kernel as indices")
   p = eqn.params
   dn = p["dimension_numbers"]
-  in_axes, out_axes = t.view_axes("i"), t.view_axes("o")
-  if (t.count("s") or len(out_axes) != 1
+  in_axes, out_axes = t.view_axes(I), t.view_axes(O)
+  if (t.count(S) or len(out_axes) != 1
       or sorted(dn.collapsed_slice_dims) != in_axes or not set(dn.start_index_map) <= set(in_axes)
       or dn.operand_batching_dims or p["slice_sizes"][out_axes[0]] != t.w.shape[out_axes[0]]):
-    return materialize_all(eqn, invals, ctx)
-  ctx.record(t.site, "gather")
+    return materialize_all(eqn, invals, ctx, "gather that is not a row lookup")
+  ctx.low_rank(t, "gather")
   base = bind(eqn, [t.w, idx])[0]
   rank = t.a.shape[-1]
   sizes = tuple(rank if j == out_axes[0] else s for j, s in enumerate(p["slice_sizes"]))

@@ -1,17 +1,22 @@
-"""Tracing a user function to a jaxpr with every array leaf of its variables as an input."""
+"""Tracing a user function to a jaxpr with every array leaf of its variables as an input, and
+running the driver over it in either mode."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 
+from ..layout import Role
 from ..tree import flatten, map_leaves, unbox, with_value
-from .core import Context, eval_jaxpr, materialize
-from .tracked import Tracked
+from .core import Apply, Infer, eval_jaxpr, materialize
+from .values import Tracked, View
+
+if TYPE_CHECKING:
+  from ..plan import Site
 
 
 def is_array(x: Any) -> bool:
@@ -34,19 +39,36 @@ class Traced:
   def index(self, path: str) -> int:
     return self.paths.index(path)
 
-  def run(self, sites: Sequence[Any], factors: dict[str, tuple[Any, Any]], ctx: Context) -> Any:
-    """Evaluate the traced function with each site's kernel tracked with its `(A, B)`; returns
-    the function's output pytree (a kernel returned as-is comes back as `W + ΔW`)."""
-    invals = list(self.values)
+  def infer(self, kernels: Sequence[str]) -> dict[int, list[tuple[str, dict[int, Role]]]]:
+    """Run the infer halves with `kernels[i]` as site `i`: per site, `(primitive, roles)` of each
+    use that gives it a complete, consistent layout, in program order."""
+    views: list[Any] = [None] * (len(self.values) + len(self.arg_values))
+    ndims = []
+    for i, path in enumerate(kernels):
+      j = self.index(path)
+      ndims.append(np.ndim(self.values[j]))
+      views[j] = View.of_kernel(i, ndims[-1])
+    ctx = Infer(ndims)
+    eval_jaxpr(self.jaxpr.jaxpr, ctx.consts(self.jaxpr), views, ctx)
+    return ctx.found
+
+  def run(self, sites: Sequence[Site], factors: dict[str, tuple[Any, Any]], ctx: Apply,
+          values: Sequence[Any] | None = None, arg_values: Sequence[Any] | None = None) -> Any:
+    """Run the apply halves with each site's kernel tracked with its `(A, B)`; returns the
+    function's output pytree (a kernel returned as-is comes back as `W + ΔW`)."""
+    invals = list(self.values if values is None else values)
     for i, s in enumerate(sites):
       j = self.index(s.path)
       invals[j] = Tracked.from_kernel(invals[j], *factors[s.path], s.layout, i, s.scale)
-    outs = eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, invals + list(self.arg_values), ctx)
+    args = list(self.arg_values if arg_values is None else arg_values)
+    outs = eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, invals + args, ctx)
     outs = [materialize(o, ctx, "returned") for o in outs]
     return jax.tree_util.tree_unflatten(self.out_tree, outs)
 
 
 def trace(fn: Callable, variables: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Traced:
+  """Trace `fn(variables, *args, **kwargs)` abstractly (no FLOPs) with every array leaf of
+  `variables` and of `args`/`kwargs` as a jaxpr input."""
   leaves = {p: unbox(x) for p, x in flatten(variables).items()}
   paths = [p for p, x in leaves.items() if is_array(x)]
   arg_leaves, arg_tree = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))

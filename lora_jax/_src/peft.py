@@ -30,8 +30,9 @@ import numpy as np
 
 from . import _safetensors
 from .config import LoraConfig
-from .plan import Plan, Site, plan as make_plan, site_arrays
-from .tree import LORA_A, LORA_B, flatten, put_factors, unbox
+from .adapters import LORA_A, LORA_B, put_factors, site_arrays
+from .plan import Plan, Site, plan as make_plan
+from .tree import flatten, unbox
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

@@ -18,45 +18,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .adapters import lora_paths
 from .config import LoraConfig
-from .interpret import Context, is_array, trace
-from .interpret import layout as layout_lib
-from .tree import LORA_A, LORA_B, flatten, lora_paths, unbox
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """Which axes of a stored kernel are stack, input and output axes (each in increasing order).
-
-  `A` has shape `(*stack, *in, r)` and `B` has shape `(*stack, r, *out)`, with the sizes of the
-  kernel's axes listed here; `ΔW = scale · A·B` is arranged back into the kernel's axis order.
-  """
-  stack_axes: tuple[int, ...]
-  in_axes: tuple[int, ...]
-  out_axes: tuple[int, ...]
-
-  @classmethod
-  def from_roles(cls, roles: dict[int, str]) -> "Layout":
-    pick = lambda role: tuple(sorted(j for j, r in roles.items() if r == role))
-    return cls(pick("stack"), pick("in"), pick("out"))
-
-  def factor_axes(self, per_axis: Sequence[Any]) -> tuple[tuple, tuple]:
-    """Per-axis values of the kernel (sharding names, partition specs) carried over to its
-    factors: `(A's, B's)` = `((*stack, *in, None), (*stack, None, *out))`, None on the rank axis."""
-    pick = lambda axes: tuple(per_axis[j] for j in axes)
-    return ((*pick(self.stack_axes), *pick(self.in_axes), None),
-            (*pick(self.stack_axes), None, *pick(self.out_axes)))
-
-  def describe(self, shape: Sequence[int]) -> str:
-    fmt = lambda axes: "(" + ",".join(str(shape[j]) for j in axes) + ")"
-    parts = ([f"stack={fmt(self.stack_axes)}"] if self.stack_axes else [])
-    return " ".join(parts + [f"in={fmt(self.in_axes)}", f"out={fmt(self.out_axes)}"])
+from .interpret import Apply, Traced, Use, is_array, trace
+from .layout import Layout, Role, factor_dtype
+from .tree import flatten, unbox
 
 
 @dataclasses.dataclass(frozen=True)
 class Site:
-  """One adapted kernel. `use` lists how the function uses it: `"dot_general"`,
-  `"conv_general_dilated"`, `"gather"` (low-rank), or `"materialised (<why>)"`."""
+  """One adapted kernel: its name (the '/'-rendered key path), shape, dtype, layout, rank, alpha,
+  `scale` (`alpha/r` or `alpha/sqrt(r)`) and `use`: how the function uses it, one `Use` per
+  distinct use (`str(use)` is `"dot_general"` or `"materialised (<why>)"`)."""
   path: str
   shape: tuple[int, ...]
   dtype: str
@@ -64,28 +37,29 @@ class Site:
   rank: int
   alpha: float
   scale: float
-  use: tuple[str, ...] = ()
-
-  def _sizes(self, axes):
-    return tuple(self.shape[j] for j in axes)
+  use: tuple[Use, ...] = ()
 
   @property
   def a_shape(self) -> tuple[int, ...]:
     """`(*stack, *in, r)`."""
-    return (*self._sizes(self.layout.stack_axes), *self._sizes(self.layout.in_axes), self.rank)
+    return self.layout.a_shape(self.shape, self.rank)
 
   @property
   def b_shape(self) -> tuple[int, ...]:
     """`(*stack, r, *out)`."""
-    return (*self._sizes(self.layout.stack_axes), self.rank, *self._sizes(self.layout.out_axes))
+    return self.layout.b_shape(self.shape, self.rank)
 
   @property
   def fan_in(self) -> int:
-    return math.prod(self._sizes(self.layout.in_axes))
+    return self.layout.fan_in(self.shape)
 
   @property
   def fan_out(self) -> int:
-    return math.prod(self._sizes(self.layout.out_axes))
+    return self.layout.fan_out(self.shape)
+
+  @property
+  def factor_dtype(self) -> str:
+    return jnp.dtype(factor_dtype(self.dtype)).name
 
   @property
   def num_params(self) -> int:
@@ -94,7 +68,26 @@ class Site:
   @property
   def low_rank(self) -> bool:
     """True when every use keeps ΔW factored (nothing materialised)."""
-    return bool(self.use) and not any(u.startswith("materialised") for u in self.use)
+    return bool(self.use) and all(u.kind == "low_rank" for u in self.use)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"path": self.path, "shape": list(self.shape), "dtype": self.dtype,
+            "layout": self.layout.to_dict(), "rank": self.rank, "alpha": self.alpha,
+            "scale": self.scale, "use": [u.to_dict() for u in self.use]}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Site":
+    uses = tuple(Use(**u) if isinstance(u, dict) else _legacy_use(u) for u in d["use"])
+    return cls(d["path"], tuple(d["shape"]), d["dtype"], Layout.from_dict(d["layout"]),
+               d["rank"], d["alpha"], d["scale"], uses)
+
+
+def _legacy_use(text: str) -> Use:
+  """A use as version 0.1 wrote it (`"dot_general"`, `"materialised (why)"`)."""
+  if text.startswith("materialised ("):
+    why = text[len("materialised ("):-1]
+    return Use("materialised", why, why)
+  return Use("low_rank", text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +118,7 @@ class Plan:
     fmt_shape = lambda s: "(" + ",".join(map(str, s)) + ")"
     rows = [(s.path, fmt_shape(s.shape), s.layout.describe(s.shape), str(s.rank), f"{s.alpha:g}",
              f"{s.scale:g}", fmt_shape(s.a_shape), fmt_shape(s.b_shape), f"{s.num_params:,}",
-             ", ".join(s.use) or "-") for s in self.sites]
+             ", ".join(map(str, s.use)) or "-") for s in self.sites]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
     pct = 100.0 * self.num_params / max(self.base_params, 1)
@@ -136,15 +129,11 @@ class Plan:
 
   def to_dict(self) -> dict[str, Any]:
     return {"config": self.config.to_dict(), "base_params": self.base_params,
-            "sites": [dict(dataclasses.asdict(s), shape=list(s.shape), use=list(s.use),
-                           layout={k: list(v) for k, v in dataclasses.asdict(s.layout).items()})
-                      for s in self.sites]}
+            "sites": [s.to_dict() for s in self.sites]}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "Plan":
-    sites = tuple(Site(**dict(s, shape=tuple(s["shape"]), use=tuple(s["use"]),
-                              layout=Layout(**{k: tuple(v) for k, v in s["layout"].items()})))
-                  for s in d["sites"])
+    sites = tuple(Site.from_dict(s) for s in d["sites"])
     return cls(sites, LoraConfig.from_dict(d["config"]), int(d["base_params"]))
 
   def to_json(self) -> str:
@@ -187,19 +176,47 @@ def _default_layout(path: str, shape: tuple[int, ...]) -> Layout:
                    f"`apply_fn=` (and `args=`) to lj.plan so the layout is read off how it is used")
 
 
+def _inferred_layout(path: str, shape: tuple[int, ...], found: list[tuple[str, dict[int, Role]]]
+                     ) -> Layout:
+  """The layout a kernel's uses give it: an embedding lookup's if any (its `attend` then reads
+  the kernel out-side first), else the first use's in program order; a 2-D kernel no use
+  decides is `(in, out)`."""
+  found = sorted(found, key=lambda u: u[0] != "gather")
+  if found:
+    return Layout.from_roles(found[0][1])
+  if len(shape) == 2:
+    return Layout((), (0,), (1,))
+  raise ValueError(f"{path}: no use of this {shape} kernel (a dot_general, conv or gather, "
+                   "possibly after transposes/reshapes, inside any jit/scan/cond/while/remat) "
+                   "determines which of its axes are stack, in and out axes")
+
+
 def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
          args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> Plan:
-  """Resolve `config` against `variables` (a linen variables dict, an NNX `State`, any nested
-  dict of arrays).
+  """Resolve `config` against `variables` (any pytree: a linen variables dict, an NNX `State`,
+  nested dicts/lists, `NamedTuple`s, registered dataclasses, equinox Modules).
 
   With `apply_fn` (called as `apply_fn(variables, *args, **kwargs)`), the function is traced
-  abstractly (no FLOPs) to read each kernel's layout off its use — `(D, H, hd)` attention query
-  kernels get `in=(D) out=(H,hd)`, scanned stacks `(L, D, F)` get `stack=(L)` — and to record, per
-  site, whether the unmerged path keeps `ΔW` factored or has to materialise it. Without it, 2-D
-  kernels are `(in, out)` and conv kernels `(*window, in, out)`; other kernels raise.
+  abstractly (no FLOPs) and the interpreter's driver runs twice over it: its *infer* rules read
+  each kernel's layout off its uses — `(D, H, hd)` attention query kernels get `in=(D)
+  out=(H,hd)`, scanned stacks `(L, D, F)` get `stack=(L)`, a `(out, in)` weight used as `x @ W.T`
+  gets `in=(in) out=(out)` — and its *apply* rules then run under `jax.eval_shape` to record,
+  per site, whether `lj.unmerged` keeps `ΔW` factored or materialises it (and why). Without
+  `apply_fn`, 2-D kernels are `(in, out)` and conv kernels `(*window, in, out)`.
 
-  Raises `ValueError` naming the path for rules that match nothing, ranks above
-  `min(fan_in, fan_out)`, and variables that already carry LoRA leaves.
+  Args:
+    config: the rules (`lj.LoraConfig`).
+    variables: the base variables (no LoRA leaves yet).
+    apply_fn: the function to adapt; its layout evidence beats the defaults.
+    args, kwargs: example inputs for `apply_fn` (arrays or `jax.ShapeDtypeStruct`-like arrays).
+
+  Returns:
+    A static, hashable `Plan` (a valid `jit` static argument; JSON round-trip; `print` it).
+
+  Raises:
+    ValueError: naming the path, for rules that match nothing, ranks above
+      `min(fan_in, fan_out)`, kernels whose layout cannot be determined, variables that already
+      carry LoRA leaves, or two leaves whose names coincide.
   """
   existing = lora_paths(variables)
   if existing:
@@ -213,9 +230,7 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
   traced = None
   if apply_fn is not None:
     traced = trace(apply_fn, variables, args, kwargs)
-    positions = {traced.index(p): i for i, p in enumerate(selected)}
-    uses = layout_lib.infer(traced.jaxpr.jaxpr, positions,
-                            {i: arrays[p].ndim for i, p in enumerate(selected)})
+    found = traced.infer(selected)
 
   sites = []
   for i, path in enumerate(selected):
@@ -223,14 +238,7 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
     if traced is None:
       layout = _default_layout(path, shape)
     else:
-      found = sorted(uses[i], key=lambda u: u[0] != "gather")  # a lookup defines an embedding
-      if found:
-        layout = Layout.from_roles(found[0][1])
-      elif len(shape) == 2:
-        layout = Layout((), (0,), (1,))
-      else:
-        raise ValueError(f"{path}: the function never uses this {shape} kernel in a dot_general, "
-                         "conv or gather, so its layout cannot be inferred")
+      layout = _inferred_layout(path, shape, found[i])
     site = Site(path, shape, jnp.dtype(arrays[path].dtype).name, layout, config.rank_for(path),
                 config.alpha_for(path), config.scale_for(path))
     if site.rank > min(site.fan_in, site.fan_out):
@@ -245,40 +253,21 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
   return result
 
 
-def _record_uses(plan_: Plan, traced) -> Plan:
-  """Run the unmerged interpreter abstractly and write down what it does with each site."""
-  seen: dict[int, list[str]] = {i: [] for i in range(len(plan_.sites))}
+def _record_uses(plan_: Plan, traced: Traced) -> Plan:
+  """Run the apply rules abstractly and write down what they do with each site."""
+  seen: dict[int, list[Use]] = {i: [] for i in range(len(plan_.sites))}
 
-  def record(site: int, use: str) -> None:
+  def record(site: int, use: Use) -> None:
     if use not in seen[site]:
       seen[site].append(use)
 
   def run(values, arg_values):
-    zeros = {s.path: (jnp.zeros(s.a_shape, jnp.float32), jnp.zeros(s.b_shape, jnp.float32))
+    zeros = {s.path: (jnp.zeros(s.a_shape, s.factor_dtype), jnp.zeros(s.b_shape, s.factor_dtype))
              for s in plan_.sites}
-    traced_here = dataclasses.replace(traced, values=values, arg_values=arg_values)
-    return traced_here.run(plan_.sites, zeros, Context(record=record))
+    return traced.run(plan_.sites, zeros, Apply(record=record), values, arg_values)
 
   jax.eval_shape(run, traced.values, traced.arg_values)
-  sites = tuple(dataclasses.replace(s, use=tuple(seen[i]) or ("unused",))
+  unused = (Use("unused", "-"),)
+  sites = tuple(dataclasses.replace(s, use=tuple(seen[i]) or unused)
                 for i, s in enumerate(plan_.sites))
   return dataclasses.replace(plan_, sites=sites)
-
-
-def site_arrays(plan_: Plan, tree: Any) -> dict[str, tuple[Any, Any, Any]]:
-  """`{path: (W, A, B)}` (unboxed) for every site, checking that `tree` matches the plan."""
-  leaves = flatten(tree)
-  expected = {s.path + suffix for s in plan_.sites for suffix in (LORA_A, LORA_B)}
-  stray = [p for p in lora_paths(tree) if p not in expected]
-  if stray:
-    raise ValueError(f"{stray[0]}: LoRA leaf not in the plan (the plan adapts {list(plan_.paths)})")
-  out = {}
-  for s in plan_.sites:
-    for p, want in ((s.path, s.shape), (s.path + LORA_A, s.a_shape), (s.path + LORA_B, s.b_shape)):
-      if p not in leaves:
-        raise ValueError(f"{p}: missing from the tree; did you `lj.attach(plan, variables, key)`?")
-      got = tuple(jnp.shape(unbox(leaves[p])))
-      if got != tuple(want):
-        raise ValueError(f"{p}: shape {got} does not match the plan's {tuple(want)}")
-    out[s.path] = tuple(unbox(leaves[p]) for p in (s.path, s.path + LORA_A, s.path + LORA_B))
-  return out

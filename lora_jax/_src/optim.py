@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from .tree import combine, has_lora, split
+from .adapters import combine, has_lora, split
 
 
 class FreezeBaseState(NamedTuple):

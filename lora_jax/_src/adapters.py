@@ -1,0 +1,276 @@
+"""The LoRA tree: the user's variables with each adapted kernel's factors next to it.
+
+Two representations, one naming. In a Mapping (dict, `FrozenDict`, NNX `State`) the factors are
+sibling leaves `<name>_lora_a: (*stack, *in, r)` and `<name>_lora_b: (*stack, r, *out)`, boxed
+like the kernel. A container that cannot take new keys (list, tuple, `NamedTuple`, registered
+dataclass, equinox Module) holds a `LoraWeight(w, lora_a, lora_b)` node in the kernel's place.
+Either way the leaves are *named* `<kernel>`, `<kernel>_lora_a`, `<kernel>_lora_b`, so plans,
+checkpoints and PEFT key maps do not care which one a tree uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+
+from .init import INITIALIZERS
+from .layout import Layout, factor_dtype
+from .tree import (PyTree, SuffixKey, box_like, children, flatten, fresh, key_name, map_leaves,
+                   rebuild, unbox, with_value)
+
+if TYPE_CHECKING:
+  from .plan import Plan
+
+LORA_A, LORA_B = "_lora_a", "_lora_b"
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LoraWeight:
+  """An adapted kernel in a container that cannot take sibling keys: the base `w` with its
+  factors `lora_a: (*stack, *in, r)` and `lora_b: (*stack, r, *out)`.
+
+  A pytree node whose children are named `<kernel>`, `<kernel>_lora_a`, `<kernel>_lora_b`, so
+  `jax.tree_util`, optax, `eqx.partition` / `eqx.filter_grad` (with `lj.trainable_mask(tree)` as
+  the filter) and every lora_jax function see it as the kernel plus two adapter leaves. It is not
+  an array: call the model through `lj.unmerged` / `lj.merged`, or on `lj.merge(plan, tree)`.
+  """
+
+  def __init__(self, w: Any, lora_a: Any, lora_b: Any):
+    self.w, self.lora_a, self.lora_b = w, lora_a, lora_b
+
+  def tree_flatten_with_keys(self):
+    return (((SuffixKey(""), self.w), (SuffixKey(LORA_A), self.lora_a),
+             (SuffixKey(LORA_B), self.lora_b)), None)
+
+  @classmethod
+  def tree_unflatten(cls, aux, kids):
+    del aux
+    return cls(*kids)
+
+  def __repr__(self) -> str:
+    shape = lambda x: getattr(unbox(x), "shape", x)
+    return f"LoraWeight(w={shape(self.w)}, lora_a={shape(self.lora_a)}, lora_b={shape(self.lora_b)})"
+
+
+def is_lora_name(name: str) -> bool:
+  """True for the name (or key) of a LoRA leaf (`*_lora_a` / `*_lora_b`)."""
+  return isinstance(name, str) and name.endswith((LORA_A, LORA_B))
+
+
+def lora_paths(tree: PyTree) -> list[str]:
+  """Names of the LoRA leaves in `tree`, in tree order."""
+  return [p for p in flatten(tree) if is_lora_name(p)]
+
+
+def has_lora(tree: PyTree) -> bool:
+  return bool(lora_paths(tree))
+
+
+def _is_lora_weight(x: Any) -> bool:
+  return isinstance(x, LoraWeight)
+
+
+def strip(tree: PyTree) -> PyTree:
+  """The base variables: `tree` with every LoRA leaf removed (`LoraWeight` nodes become their
+  `w`). Base arrays are the same objects (bit-exact; never an 'unmerge' by subtraction)."""
+  return map_leaves(lambda p, x: fresh(x.w) if isinstance(x, LoraWeight) else x, tree,
+                    keep=lambda p, k, v: not is_lora_name(k), is_leaf=_is_lora_weight)
+
+
+def _only_lora(node: Any, name: str) -> tuple[Any, bool]:
+  """`(node with only its LoRA leaves, whether it has any)`: Mapping entries without LoRA leaves
+  are dropped, other containers keep their arity with None in place of such children."""
+  if isinstance(node, LoraWeight):
+    return LoraWeight(None, fresh(node.lora_a), fresh(node.lora_b)), True
+  kids = children(node)
+  if kids is None:
+    return (fresh(node), True) if is_lora_name(name) else (None, False)
+  items, found = [], False
+  for k, v in kids:
+    sub, has = _only_lora(v, f"{name}/{key_name(k)}" if name else key_name(k))
+    found |= has
+    if has or not isinstance(node, Mapping):
+      items.append((k, sub))
+  return rebuild(node, items), found
+
+
+def split(tree: PyTree) -> tuple[PyTree, PyTree]:
+  """`(adapters, base)`: the LoRA leaves (in their containers, nothing else) and the base.
+
+  In Mappings the adapters keep only entries that lead to LoRA leaves; other containers keep
+  their shape with None in place of base leaves (as `eqx.partition` does). Differentiate a loss
+  with respect to `adapters` alone and no base gradient is ever built.
+
+  Returns:
+    `(adapters, base)`, with `lj.combine(base, adapters)` the original tree.
+  """
+  adapters, _ = _only_lora(tree, "")
+  return adapters, strip(tree)
+
+
+def _insert(base: PyTree, factors: Mapping[str, tuple[Any, Any]], who: str) -> PyTree:
+  """`base` with `(a_leaf, b_leaf)` put beside each kernel named in `factors`: sibling keys in a
+  Mapping, a `LoraWeight` node elsewhere. Raises for names that are not kernels of `base`."""
+  used: set[str] = set()
+
+  def walk(node, name):
+    if name in factors and children(node) is None:  # a kernel in a list / NamedTuple / Module
+      used.add(name)
+      return LoraWeight(fresh(node), *factors[name])
+    kids = children(node)
+    if kids is None:
+      return fresh(node)
+    items = []
+    for k, v in kids:
+      sub = f"{name}/{key_name(k)}" if name else key_name(k)
+      if isinstance(node, Mapping) and sub in factors and children(v) is None:
+        used.add(sub)
+        if not isinstance(k.key, str):
+          raise ValueError(f"{who}: {sub}: a kernel under a non-string dict key cannot get "
+                           "sibling LoRA leaves; use string keys")
+        a, b = factors[sub]
+        items += [(k, fresh(v)), (jax.tree_util.DictKey(k.key + LORA_A), fresh(a)),
+                  (jax.tree_util.DictKey(k.key + LORA_B), fresh(b))]
+      else:
+        items.append((k, walk(v, sub)))
+    return rebuild(node, items)
+
+  out = walk(base, "")
+  missing = [p for p in factors if p not in used]
+  if missing:
+    raise ValueError(f"{who}: {missing[0]}: no kernel leaf of that name in the base "
+                     f"(expected a leaf named {missing[0]!r} next to which its adapters go)")
+  return out
+
+
+def combine(base: PyTree, adapters: PyTree) -> PyTree:
+  """Inverse of `split`: put the LoRA leaves of `adapters` back next to their kernels in `base`.
+
+  Raises:
+    ValueError: `base` still has LoRA leaves (it would keep stale adapters), `adapters` holds a
+      non-LoRA leaf, or a LoRA leaf has no kernel in `base`.
+  """
+  existing = lora_paths(base)
+  if existing:
+    raise ValueError(f"combine: `base` already carries LoRA leaves (e.g. {existing[0]!r}); pass "
+                     "the base from lj.split(tree) or lj.strip(tree)")
+  flat = {p: x for p, x in flatten(adapters).items() if x is not None}
+  bad = [p for p in flat if not is_lora_name(p)]
+  if not flat or bad:
+    raise ValueError(f"combine: `adapters` must hold only LoRA leaves (*{LORA_A}/*{LORA_B}); "
+                     f"found {bad[:3] or 'none at all'}")
+  kernels = {p[:-len(LORA_A)] for p in flat}
+  for k in kernels:
+    for suffix in (LORA_A, LORA_B):
+      if k + suffix not in flat:
+        raise ValueError(f"combine: adapters have {sorted(p for p in flat if p.startswith(k))} "
+                         f"but not {k + suffix!r}")
+  return _insert(base, {k: (flat[k + LORA_A], flat[k + LORA_B]) for k in sorted(kernels)},
+                 "combine")
+
+
+def trainable_mask(tree: PyTree) -> PyTree:
+  """Bool pytree shaped like `tree`: True exactly on LoRA leaves (for `optax.masked`,
+  `eqx.partition` & co.)."""
+  return map_leaves(lambda p, x: x if x is None else with_value(x, is_lora_name(p)), tree)
+
+
+def put_factors(variables: PyTree, factors: Mapping[str, tuple[Layout, Any, Any]], who: str
+                ) -> PyTree:
+  """`variables` with factors `{name: (layout, A, B)}` put beside each named kernel, boxed like
+  the kernel; a `nn.Partitioned` kernel's axis names carry over to the matching factor axes
+  (`Layout.factor_axes`). `who` prefixes error messages.
+
+  Raises:
+    ValueError: `variables` already carries LoRA leaves, or a name is not a kernel of it.
+  """
+  existing = lora_paths(variables)
+  if existing:
+    raise ValueError(f"{who}: variables already carry LoRA leaves (e.g. {existing[0]!r})")
+  leaves = flatten(variables)
+  boxed = {}
+  for path, (layout, a, b) in factors.items():
+    if path not in leaves:
+      raise ValueError(f"{who}: {path}: in the plan but not in the variables")
+    leaf = leaves[path]
+    names = getattr(leaf, "names", None)
+    a_names, b_names = layout.factor_axes(names) if names is not None else (None, None)
+    boxed[path] = (box_like(leaf, a, a_names), box_like(leaf, b, b_names))
+  return _insert(variables, boxed, who)
+
+
+def attach(plan: Plan, variables: PyTree, key: jax.Array) -> PyTree:
+  """Add the factors of every site of `plan` next to its kernel.
+
+  `A: (*stack, *in, r)` is drawn per `plan.config.init` (fan-in = `prod(in)`), `B: (*stack, r,
+  *out)` is zero, so `ΔW = scale·A·B = 0` and the model's output is unchanged. Factors are
+  `factor_dtype(W.dtype)` (float32, or float64 for float64 kernels), boxed like their kernel, and
+  placed like a sharded kernel (`A` sharded like its stack and in axes, `B` like its stack and out
+  axes, the rank axis replicated), created directly in that sharding.
+
+  Args:
+    plan: from `lj.plan`.
+    variables: the base variables the plan was made on (any pytree).
+    key: a PRNG key; site `i` uses `fold_in(key, i)`.
+
+  Returns:
+    The LoRA tree (a new tree; base arrays are the same objects).
+
+  Raises:
+    ValueError: a site's kernel is missing or has another shape, or `variables` has LoRA leaves.
+  """
+  leaves = flatten(variables)
+  init = INITIALIZERS[plan.config.init]
+  factors = {}
+  for i, s in enumerate(plan.sites):
+    if s.path not in leaves:
+      raise ValueError(f"lj.attach: {s.path}: in the plan but not in the variables")
+    w = unbox(leaves[s.path])
+    if tuple(jnp.shape(w)) != s.shape:
+      raise ValueError(f"lj.attach: {s.path}: kernel shape {tuple(jnp.shape(w))} != plan's {s.shape}")
+    dtype = factor_dtype(w.dtype)
+    a_sharding, b_sharding = factor_shardings(s.layout, w)
+    a = jax.jit(lambda k, shape=s.a_shape, fan=s.fan_in, dt=dtype: init(k, shape, fan, dt),
+                out_shardings=a_sharding)(jax.random.fold_in(key, i))
+    b = jax.jit(lambda shape=s.b_shape, dt=dtype: jnp.zeros(shape, dt), out_shardings=b_sharding)()
+    factors[s.path] = (s.layout, a, b)
+  return put_factors(variables, factors, "lj.attach")
+
+
+def factor_shardings(layout: Layout, kernel: Any) -> tuple[Any, Any]:
+  """`(A's, B's)` sharding for a kernel: a `NamedSharding` kernel's spec carried over to the
+  factor axes (`Layout.factor_axes`, rank axis replicated); None (the default device) otherwise."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  sharding = getattr(kernel, "sharding", None)
+  if isinstance(sharding, NamedSharding) and not isinstance(kernel, jax.core.Tracer):
+    spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
+    a_axes, b_axes = layout.factor_axes(spec)
+    return (NamedSharding(sharding.mesh, PartitionSpec(*a_axes)),
+            NamedSharding(sharding.mesh, PartitionSpec(*b_axes)))
+  return None, None
+
+
+def site_arrays(plan: Plan, tree: PyTree) -> dict[str, tuple[Any, Any, Any]]:
+  """`{path: (W, A, B)}` (unboxed) for every site, checking that `tree` matches the plan.
+
+  Raises:
+    ValueError: naming the first LoRA leaf not in the plan, or missing / wrongly shaped leaf.
+  """
+  leaves = flatten(tree)
+  expected = {s.path + suffix for s in plan.sites for suffix in (LORA_A, LORA_B)}
+  stray = [p for p in leaves if is_lora_name(p) and p not in expected]
+  if stray:
+    raise ValueError(f"{stray[0]}: LoRA leaf not in the plan (the plan adapts {list(plan.paths)})")
+  out = {}
+  for s in plan.sites:
+    for p, want in ((s.path, s.shape), (s.path + LORA_A, s.a_shape), (s.path + LORA_B, s.b_shape)):
+      if p not in leaves:
+        raise ValueError(f"{p}: missing from the tree; did you `lj.attach(plan, variables, key)`?")
+      got = tuple(jnp.shape(unbox(leaves[p])))
+      if got != tuple(want):
+        raise ValueError(f"{p}: shape {got} does not match the plan's {tuple(want)}")
+    out[s.path] = tuple(unbox(leaves[p]) for p in (s.path, s.path + LORA_A, s.path + LORA_B))
+  return out

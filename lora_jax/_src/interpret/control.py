@@ -1,0 +1,159 @@
+"""Higher-order primitives: the driver recurses into their sub-jaxprs in both modes.
+
+`jit`/`closed_call` are inlined; `custom_jvp_call`/`custom_vjp_call` are inlined too (their
+primal body is evaluated, so gradients flow through that body rather than the custom rule);
+remat is re-emitted with `jax.checkpoint` (same policy; tracked values, outputs included, cross
+the boundary as packed `w, a, b`), `scan` with `lax.scan` (a stacked kernel's `A`/`B` are scanned
+alongside it), `cond`/`switch` with `lax.switch` and `while` with `lax.while_loop` (kernels
+closed over as loop constants stay tracked). Any other primitive carrying a sub-jaxpr is walked
+for layout inference and materialises its kernels when applied (`core.Infer.fallback`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend.core import primitives as P
+
+from ..layout import Role
+from .core import Apply, Infer, applies, assign, eval_jaxpr, infers, materialize, pack, unpack
+from .values import Tracked, View
+
+_INLINE = {P.jit_p: "jaxpr", P.closed_call_p: "call_jaxpr", P.custom_jvp_call_p: "call_jaxpr",
+           P.custom_vjp_call_p: "call_jaxpr"}
+
+
+def _concrete(outs, ctx: Apply, why: str, primitive: str) -> list:
+  return [materialize(o, ctx, why, primitive) for o in outs]
+
+
+@infers(*_INLINE)
+@applies(*_INLINE)
+def _inline(eqn, invals, ctx):
+  closed = eqn.params[_INLINE[eqn.primitive]]
+  return eval_jaxpr(closed.jaxpr, ctx.consts(closed), invals, ctx)
+
+
+@infers(P.remat_p)
+def _remat_infer(eqn, views, ctx: Infer):
+  return eval_jaxpr(eqn.params["jaxpr"], (), views, ctx)
+
+
+@applies(P.remat_p)
+def _remat(eqn, invals, ctx: Apply):
+  flat, specs = pack(invals)
+  out_specs: list = []
+
+  # The key is an argument, so recomputation in the backward pass redraws the same dropout mask.
+  def region(key, *flat):
+    outs = eval_jaxpr(eqn.params["jaxpr"], (), unpack(specs, flat), ctx.child(key))
+    flat_out, out_specs[:] = pack(outs)  # a kernel returned by the region stays tracked
+    return flat_out
+
+  region = jax.checkpoint(region, prevent_cse=eqn.params["prevent_cse"],
+                          policy=eqn.params["policy"])
+  return unpack(out_specs, region(ctx.next_key(), *flat))
+
+
+@infers(P.scan_p)
+def _scan_infer(eqn, views, ctx: Infer):
+  """A kernel scanned over (an `xs` input) has its leading axis as a stack axis."""
+  n_consts, n_carry = eqn.params["num_consts"], eqn.params["num_carry"]
+  inner = []
+  for i, v in enumerate(views):
+    if isinstance(v, View) and i >= n_consts + n_carry:
+      roles = assign(v, {Role.STACK: [0]})
+      v = None if roles is None else v.replace(axes=v.axes[1:], fixed=tuple(roles.items()))
+    inner.append(v)
+  body = eqn.params["jaxpr"]
+  outs = eval_jaxpr(body.jaxpr, ctx.consts(body), inner, ctx)
+  return [*outs[:n_carry], *([None] * (len(outs) - n_carry))]
+
+
+@applies(P.scan_p)
+def _scan(eqn, invals, ctx: Apply):
+  p = eqn.params
+  n_consts, n_carry = p["num_consts"], p["num_carry"]
+  consts = invals[:n_consts]
+  init = _concrete(invals[n_consts:n_consts + n_carry], ctx, "scan carry", "scan")
+  xs = invals[n_consts + n_carry:]
+  # A stacked kernel enters as a scanned input: scan its A and B along the same stack axis.
+  outer, inner = [], []
+  for x in xs:
+    role, k = x.axes[0] if isinstance(x, Tracked) else (None, 0)
+    if isinstance(x, Tracked) and role is not Role.STACK:
+      x = materialize(x, ctx, "scan over a non-stack axis", "scan")
+    if isinstance(x, Tracked):
+      outer.append(x.replace(a=jnp.moveaxis(x.a, k, 0), b=jnp.moveaxis(x.b, k, 0)))
+      inner.append(x.replace(axes=tuple((r, j - (r is Role.STACK and j > k)) for r, j in x.axes[1:])))
+    else:
+      outer.append(x)
+      inner.append(None)
+  xs_flat, _ = pack(outer)
+  keys = None if ctx.key is None else jax.random.split(ctx.next_key(), p["length"])
+  body_jaxpr = p["jaxpr"]
+
+  def body(carry, step):
+    step_key, xs_step = step
+    vals = [*consts, *carry, *unpack(inner, xs_step)]
+    outs = eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts, vals, ctx.child(step_key))
+    outs = _concrete(outs, ctx, "scan output", "scan")
+    return outs[:n_carry], outs[n_carry:]
+
+  carry, ys = lax.scan(body, init, (keys, xs_flat), length=p["length"], reverse=p["reverse"],
+                       unroll=p["unroll"])
+  return [*carry, *ys]
+
+
+@infers(P.cond_p)
+def _cond_infer(eqn, views, ctx: Infer):
+  outs = [eval_jaxpr(b.jaxpr, ctx.consts(b), views[1:], ctx) for b in eqn.params["branches"]]
+  return [next((o for o in per_out if o is not None), None) for per_out in zip(*outs)]
+
+
+@applies(P.cond_p)
+def _cond(eqn, invals, ctx: Apply):
+  index, *operands = invals
+  flat, specs = pack(operands)
+
+  def branch(closed):
+    def run(key, *flat):
+      outs = eval_jaxpr(closed.jaxpr, closed.consts, unpack(specs, flat), ctx.child(key))
+      return _concrete(outs, ctx, "cond output", "cond")
+    return run
+
+  return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], ctx.next_key(), *flat))
+
+
+def _while_parts(eqn, vals):
+  cn, bn = eqn.params["cond_nconsts"], eqn.params["body_nconsts"]
+  return vals[:cn], vals[cn:cn + bn], vals[cn + bn:]
+
+
+@infers(P.while_p)
+def _while_infer(eqn, views, ctx: Infer):
+  cond_consts, body_consts, carry = _while_parts(eqn, views)
+  cj, bj = eqn.params["cond_jaxpr"], eqn.params["body_jaxpr"]
+  eval_jaxpr(cj.jaxpr, ctx.consts(cj), [*cond_consts, *carry], ctx)
+  return eval_jaxpr(bj.jaxpr, ctx.consts(bj), [*body_consts, *carry], ctx)
+
+
+@applies(P.while_p)
+def _while(eqn, invals, ctx: Apply):
+  cond_consts, body_consts, carry = _while_parts(eqn, invals)
+  carry = _concrete(carry, ctx, "while carry", "while")
+  cj, bj = eqn.params["cond_jaxpr"], eqn.params["body_jaxpr"]
+
+  def cond_fn(state):
+    return eval_jaxpr(cj.jaxpr, cj.consts, [*cond_consts, *state[1]], ctx.child(None))[0]
+
+  def body_fn(state):
+    key, carry = state
+    step_key = None
+    if key is not None:  # a fresh dropout key per iteration
+      key, step_key = jax.random.split(key)
+    outs = eval_jaxpr(bj.jaxpr, bj.consts, [*body_consts, *carry], ctx.child(step_key))
+    return key, _concrete(outs, ctx, "while carry", "while")
+
+  return list(lax.while_loop(cond_fn, body_fn, (ctx.next_key(), list(carry)))[1])

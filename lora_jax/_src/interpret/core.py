@@ -1,0 +1,250 @@
+"""The driver: one loop over a jaxpr, one rule table, two modes.
+
+Each primitive family module registers, per primitive, an `infer` half (what this use says about
+a kernel's layout, given `View`s) and an `apply` half (the base op on `W` plus the low-rank term,
+given `Tracked` values). `eval_jaxpr` runs either half over a jaxpr whose kernel inputs are
+tracked: plan-building runs it with an `Infer` context (to read layouts off the uses) and then
+with an `Apply` context under `jax.eval_shape` (to record each use), and `lj.unmerged` runs the
+`Apply` half for real, so what the plan reports is what `unmerged` does by construction.
+
+Equations without a tracked input are re-bound unchanged. A tracked input to a primitive with no
+`apply` half gets `W + ΔW` for that use only, recorded in the plan; with no `infer` half the use
+says nothing about the layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex
+
+from ..layout import Role
+from .values import Tracked, View
+
+InferHalf = Callable[[Any, list, "Infer"], list]
+ApplyHalf = Callable[[Any, list, "Apply"], list]
+
+
+@dataclasses.dataclass
+class Rule:
+  infer: InferHalf | None = None
+  apply: ApplyHalf | None = None
+
+
+RULES: dict[Any, Rule] = {}
+
+
+def infers(*primitives: Any) -> Callable[[InferHalf], InferHalf]:
+  """Register `fn` as the infer half of the rule for `primitives`."""
+  def register(fn: InferHalf) -> InferHalf:
+    for p in primitives:
+      RULES.setdefault(p, Rule()).infer = fn
+    return fn
+  return register
+
+
+def applies(*primitives: Any) -> Callable[[ApplyHalf], ApplyHalf]:
+  """Register `fn` as the apply half of the rule for `primitives`."""
+  def register(fn: ApplyHalf) -> ApplyHalf:
+    for p in primitives:
+      RULES.setdefault(p, Rule()).apply = fn
+    return fn
+  return register
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+  """How the function uses a kernel at one place: `kind` is `"low_rank"` (ΔW stays factored),
+  `"materialised"` (`W + ΔW` formed for this use only, because `why`) or `"unused"` (the function
+  never reads it); `primitive` names the op."""
+  kind: str
+  primitive: str
+  why: str = ""
+
+  def __str__(self) -> str:
+    if self.kind != "materialised":
+      return self.primitive if self.kind == "low_rank" else self.kind
+    return f"materialised ({self.why})" if self.why else f"materialised ({self.primitive})"
+
+  def to_dict(self) -> dict[str, str]:
+    return dataclasses.asdict(self)
+
+
+class Infer:
+  """Infer-mode context: kernels are `View`s, other values are not computed (None); each use
+  that gives a kernel a complete, consistent layout is collected in `found[site]`."""
+
+  def __init__(self, ndims: Sequence[int]):
+    self.ndims = list(ndims)
+    self.found: dict[int, list[tuple[str, dict[int, Role]]]] = {i: [] for i in range(len(ndims))}
+
+  tracked_type = View
+
+  def plain(self, eqn, invals) -> list:
+    del invals
+    return [None] * len(eqn.outvars)
+
+  def fallback(self, eqn, invals) -> list:
+    """No infer half: walk any sub-jaxpr that takes the equation's operands (shard_map and other
+    higher-order primitives), so uses inside still inform the layout."""
+    outs = [None] * len(eqn.outvars)
+    for value in eqn.params.values():
+      jaxpr = getattr(value, "jaxpr", value)
+      if isinstance(jaxpr, jex.Jaxpr) and len(jaxpr.invars) == len(invals):
+        consts = self.consts(value) if hasattr(value, "consts") else []
+        found = eval_jaxpr(jaxpr, consts, invals, self)
+        outs = found if len(found) == len(outs) else outs
+    return outs
+
+  def half(self, rule: Rule) -> Any:
+    return rule.infer
+
+  def consts(self, closed) -> list:
+    return [None] * len(closed.consts)
+
+  def note(self, primitive: str, view: View, groups: dict[Role, Sequence[int]]) -> None:
+    """Record that this use gives view axes `groups[role]` their roles, if that assigns every
+    kernel axis one role consistently and includes in and out axes."""
+    roles = assign(view, groups)
+    if (roles is not None and len(roles) == self.ndims[view.site]
+        and Role.IN in roles.values() and Role.OUT in roles.values()):
+      self.found[view.site].append((primitive, roles))
+
+
+def assign(view: View, groups: dict[Role, Sequence[int]]) -> dict[int, Role] | None:
+  """Roles of the kernel's axes when the view's axes play `groups`; None if inconsistent."""
+  roles: dict[int, Role] = dict(view.fixed)
+  for role, axes in groups.items():
+    for j in axes:
+      for k in view.axes[j]:
+        if roles.setdefault(k, role) is not role:
+          return None
+  return roles
+
+
+class Apply:
+  """Apply-mode context: kernels are `Tracked`; carries the dropout key stream and an optional
+  recorder of each site's uses (plan-building)."""
+
+  tracked_type = Tracked
+
+  def __init__(self, dropout: float = 0.0, key: jax.Array | None = None,
+               record: Callable[[int, Use], None] | None = None):
+    self.dropout = dropout if key is not None else 0.0
+    self.key = key
+    self._count = 0
+    self._record = record
+
+  def plain(self, eqn, invals) -> list:
+    return bind(eqn, invals)
+
+  def fallback(self, eqn, invals) -> list:
+    return materialize_all(eqn, invals, self)
+
+  def half(self, rule: Rule) -> Any:
+    return rule.apply
+
+  def consts(self, closed) -> list:
+    return list(closed.consts)
+
+  def record(self, site: int, use: Use) -> None:
+    if self._record is not None:
+      self._record(site, use)
+
+  def low_rank(self, t: Tracked, primitive: str) -> None:
+    self.record(t.site, Use("low_rank", primitive))
+
+  def next_key(self) -> jax.Array | None:
+    if self.key is None:
+      return None
+    self._count += 1
+    return jax.random.fold_in(self.key, self._count)
+
+  def child(self, key: jax.Array | None) -> "Apply":
+    """A context for a sub-computation (scan body, remat region) with its own key stream."""
+    return Apply(self.dropout, key, self._record)
+
+  def drop(self, x: jax.Array) -> jax.Array:
+    """Inverted dropout on the LoRA input path (identity when dropout is off)."""
+    if not self.dropout:
+      return x
+    keep = 1.0 - self.dropout
+    mask = jax.random.bernoulli(self.next_key(), keep, x.shape)
+    return jnp.where(mask, x / keep, jnp.zeros((), x.dtype))
+
+
+Context = Infer | Apply
+
+
+def eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list:
+  """Evaluate `jaxpr` in `ctx`'s mode; inputs and outputs may be tracked (`View`/`Tracked`)."""
+  env: dict[Any, Any] = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex.Literal) else env[v]
+
+  env.update(zip(jaxpr.constvars, consts))
+  env.update(zip(jaxpr.invars, args))
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if any(isinstance(x, ctx.tracked_type) for x in invals):
+      rule = RULES.get(eqn.primitive)
+      half = ctx.half(rule) if rule is not None else None
+      outs = half(eqn, invals, ctx) if half is not None else ctx.fallback(eqn, invals)
+    else:
+      outs = ctx.plain(eqn, invals)
+    for v, x in zip(eqn.outvars, outs):
+      if not isinstance(v, jex.DropVar):
+        env[v] = x
+  return [read(v) for v in jaxpr.outvars]
+
+
+def bind(eqn, invals: Sequence[Any]) -> list:
+  """Re-emit `eqn` on (untracked) `invals`; always returns a list of outputs."""
+  params = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(params, tuple):  # (subfuns, params) for primitives that carry functions
+    subfuns, params = params
+    invals = [*subfuns, *invals]
+  out = eqn.primitive.bind(*invals, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def materialize(x: Any, ctx: Apply, why: str, primitive: str = "") -> Any:
+  """`W + ΔW` for a tracked value (recording why), anything else unchanged."""
+  if isinstance(x, Tracked):
+    ctx.record(x.site, Use("materialised", primitive or why, why))
+    return x.materialize()
+  return x
+
+
+def materialize_all(eqn, invals: list, ctx: Apply, why: str = "") -> list:
+  """Fallback: materialise every tracked input for this use only."""
+  name = eqn.primitive.name
+  return bind(eqn, [materialize(x, ctx, why or f"no rule for {name}", name) for x in invals])
+
+
+# --- packing Tracked values into flat arrays, to cross jax.checkpoint / lax.scan boundaries ---
+
+def pack(values: Sequence[Any]) -> tuple[list, list]:
+  """Flatten values to arrays (a tracked value becomes `w, a, b`); returns arrays and specs."""
+  flat, specs = [], []
+  for x in values:
+    if isinstance(x, Tracked):
+      specs.append(x)
+      flat.extend((x.w, x.a, x.b))
+    else:
+      specs.append(None)
+      flat.append(x)
+  return flat, specs
+
+
+def unpack(specs: Sequence[Tracked | None], arrays: Sequence[Any]) -> list:
+  """Inverse of `pack`: rebuild tracked values from `specs` (their static parts) and arrays."""
+  it, out = iter(arrays), []
+  for spec in specs:
+    out.append(next(it) if spec is None else spec.replace(w=next(it), a=next(it), b=next(it)))
+  return out

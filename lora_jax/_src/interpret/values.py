@@ -1,0 +1,68 @@
+"""What a kernel is while the driver walks a jaxpr: a `View` when inferring its layout, a
+`Tracked` value when applying the adapters.
+
+A `View` knows, for each axis of the current value, which axes of the stored kernel it covers
+(a transpose permutes them, a reshape merges or splits them), plus roles fixed on the way (a
+`scan` over the kernel makes the scanned axis a stack axis). A `Tracked` value stands for
+`W_view + scale · ΔW_view`: the base kernel after the layout-only ops seen so far, with
+`ΔW = A·B` kept factored (`A: (*S, *I, r)`, `B: (*S, r, *O)`); `axes[j]` says which role axis `j`
+of the view plays and its position within that role's group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from ..layout import Axis, Layout, Role, add_delta, delta
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+  """A kernel (site `site`, `ndim` axes) as seen through layout-only ops, for layout inference."""
+  site: int
+  axes: tuple[frozenset[int], ...]
+  fixed: tuple[tuple[int, Role], ...] = ()
+
+  @classmethod
+  def of_kernel(cls, site: int, ndim: int) -> "View":
+    return cls(site, tuple(frozenset([j]) for j in range(ndim)))
+
+  def replace(self, **kw: Any) -> "View":
+    return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tracked:
+  """A kernel (a view of site `site`) with its factors, for the apply half of the rules."""
+  w: jax.Array
+  a: jax.Array
+  b: jax.Array
+  axes: tuple[Axis, ...]
+  site: int
+  scale: Any  # a Python float, or a scalar array
+
+  @classmethod
+  def from_kernel(cls, w, a, b, layout: Layout, site: int, scale: Any) -> "Tracked":
+    """Wrap a stored kernel whose `layout` names its stack / in / out axes."""
+    return cls(w, a, b, layout.view(), site, scale)
+
+  def count(self, role: Role) -> int:
+    return sum(r is role for r, _ in self.axes)
+
+  def view_axes(self, role: Role) -> list[int]:
+    """View axes of `role`, ordered by their position within the group."""
+    return [j for _, j in sorted((k, j) for j, (r, k) in enumerate(self.axes) if r is role)]
+
+  def replace(self, **kw: Any) -> "Tracked":
+    return dataclasses.replace(self, **kw)
+
+  def delta(self) -> jax.Array:
+    """`ΔW_view = scale · A·B` in the view's axis order, accumulated in (at least) float32."""
+    return delta(self.a, self.b, self.scale, self.axes, None)
+
+  def materialize(self) -> jax.Array:
+    """`W_view + ΔW_view` in W's dtype (see `layout.add_delta`)."""
+    return add_delta(self.w, self.a, self.b, self.scale, self.axes)
