@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
+import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     h = nn.LayerNorm()(x)
-    x = x + nn.SelfAttention(num_heads=2, qkv_features=32, deterministic=True)(h)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=32, deterministic=True)(h)
     h = nn.LayerNorm()(x)
     return x + nn.Dense(32, name="fc2")(nn.gelu(nn.Dense(64, name="fc1")(h)))
 
@@ -105,6 +106,50 @@ def plain_fn(params, x):
   return h @ params["w2"].T
 
 
+class EqxBlock(eqx.Module):
+  """An equinox attention block: `eqx.nn.Linear` stores `weight` as `(out, in)`, used `weight @ x`."""
+  norm: eqx.nn.LayerNorm
+  attn: eqx.nn.MultiheadAttention
+  fc1: eqx.nn.Linear
+  fc2: eqx.nn.Linear
+
+  def __init__(self, key):
+    k = jax.random.split(key, 3)
+    self.norm = eqx.nn.LayerNorm(32)
+    self.attn = eqx.nn.MultiheadAttention(num_heads=2, query_size=32, key=k[0])
+    self.fc1 = eqx.nn.Linear(32, 64, key=k[1])
+    self.fc2 = eqx.nn.Linear(64, 32, key=k[2])
+
+  def __call__(self, x):  # x: (T, D), one sequence
+    h = jax.vmap(self.norm)(x)
+    x = x + self.attn(h, h, h)
+    return x + jax.vmap(lambda t: self.fc2(jax.nn.gelu(self.fc1(t))))(x)
+
+
+class TupleParams(NamedTuple):
+  w1: jax.Array
+  b1: jax.Array
+  w2: jax.Array
+
+
+def namedtuple_fn(p: TupleParams, x):
+  return jnp.tanh(x @ p.w1 + p.b1) @ p.w2
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["embed", "heads"],
+                   meta_fields=["temperature"])
+@dataclasses.dataclass
+class DataclassModel:
+  """A registered-dataclass model: an embedding `(V, D)` looked up, then a `(D, H, hd)` einsum."""
+  embed: jax.Array
+  heads: jax.Array
+  temperature: float
+
+  def __call__(self, tokens):
+    h = jnp.tanh(self.embed[tokens])
+    return jnp.einsum("btd,dhk->bthk", h, self.heads) / self.temperature
+
+
 def _linen(name, module, x, targets, n_sites, rows):
   variables = module.init(jax.random.key(0), x)
   return Entry(name, variables, module.apply, x, targets, n_sites, rows)
@@ -128,6 +173,19 @@ def build() -> list[Entry]:
             "w2": jax.random.normal(k[6], (16, 48)) * 0.2}
   entries.append(Entry("plain_transposed", params, plain_fn, jax.random.normal(k[7], (4, 24)),
                        r"w\d", 2, 4))
+  e = jax.random.split(jax.random.key(7), 8)
+  mlp = eqx.nn.MLP(24, 16, width_size=48, depth=2, key=e[0])
+  entries.append(Entry("eqx_mlp", mlp, lambda m, x: jax.vmap(m)(x), jax.random.normal(e[1], (4, 24)),
+                       r"layers/\d/weight", 3, 4))
+  entries.append(Entry("eqx_attention", EqxBlock(e[2]), lambda m, x: jax.vmap(m)(x), seq,
+                       r".*_proj/weight|fc\d/weight", 6, 6))
+  tuple_params = TupleParams(jax.random.normal(e[3], (24, 48)) * 0.2, jnp.zeros(48),
+                             jax.random.normal(e[4], (48, 16)) * 0.2)
+  entries.append(Entry("namedtuple", tuple_params, namedtuple_fn, jax.random.normal(e[5], (4, 24)),
+                       r"w\d", 2, 4))
+  dc = DataclassModel(jax.random.normal(e[6], (64, 32)), jax.random.normal(e[7], (32, 4, 8)) * 0.2, 2.0)
+  entries.append(Entry("dataclass", dc, lambda m, t: m(t), jnp.array([[1, 5, 7], [2, 63, 0]]),
+                       r"embed|heads", 2, 6))
   return entries
 
 
