@@ -6,7 +6,7 @@ step `k` per sequence. From two tokens on, the next token is determined, so the 
 the step off its context (attention) and add it (MLP).
 
 1. pretrain a linen transformer (token + position embeddings, pre-LN blocks of causal
-   `nn.SelfAttention` + MLP, the blocks stacked with `nn.scan`) on steps k in {1, 2, 3};
+   `nn.MultiHeadDotProductAttention` + MLP, the blocks stacked with `nn.scan`) on steps k in {1, 2, 3};
 2. the new task: the same progressions counting *down*, k in {-1, -2, -3};
 3. attach LoRA adapters to the attention query and value kernels of every layer (`--targets`
    picks others; the plan gives each scanned `(L, ...)` kernel one adapter per layer) and train
@@ -46,7 +46,7 @@ class Block(nn.Module):
   def __call__(self, x, _):  # x: (batch, T, d_model); `_` is the (unused) per-layer scan input
     causal = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))  # (batch, 1, T, T)
     h = nn.LayerNorm(name="ln1")(x)
-    x = x + nn.SelfAttention(num_heads=self.num_heads, deterministic=True, name="attn")(h, mask=causal)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=self.num_heads, deterministic=True, name="attn")(h, mask=causal)
     h = nn.LayerNorm(name="ln2")(x)
     h = nn.Dense(x.shape[-1], name="fc2")(nn.gelu(nn.Dense(self.mlp_dim, name="fc1")(h)))
     return x + h, None

@@ -42,7 +42,7 @@ def test_plan_without_apply_fn():
   p = lj.plan(lj.LoraConfig(targets=e.targets, rank=2), e.variables)  # conv: (*window, in, out)
   assert [s.layout for s in p.sites] == [lj.Layout((), (0, 1, 2), (3,))] * 2
   e = zoo.entries()["attention_block"]
-  with pytest.raises(ValueError, match=r"params/SelfAttention_0/query/kernel: .*pass `apply_fn=`"):
+  with pytest.raises(ValueError, match=r"params/MultiHeadDotProductAttention_0/query/kernel: .*pass `apply_fn=`"):
     lj.plan(lj.LoraConfig(targets=e.targets, rank=2), e.variables)
 
 
@@ -124,3 +124,13 @@ def test_static_python_arguments_stay_static():
   for double in (True, False):
     np.testing.assert_allclose(lj.unmerged(fn, p)(tree, x, double=double),
                                lj.merged(fn, p)(tree, x, double=double), rtol=1e-6)
+
+
+def test_a_regex_matching_a_bias_says_it_is_not_a_kernel():
+  params = {"c_attn": {"kernel": jnp.ones((8, 24)), "bias": jnp.zeros(24)}}
+  fn = lambda p, x: x @ p["c_attn"]["kernel"] + p["c_attn"]["bias"]
+  for apply_fn in (None, fn):
+    with pytest.raises(ValueError, match=r"c_attn/bias: selected by LoraConfig.targets but it is a "
+                                         r"1-D array of shape \(24,\), not a kernel"):
+      lj.plan(lj.LoraConfig(targets=r".*c_attn.*", rank=2), params, apply_fn=apply_fn,
+              args=(jnp.ones((2, 8)),))

@@ -10,6 +10,7 @@ checkpoints and PEFT key maps do not care which one a tree uses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -223,7 +224,6 @@ def attach(plan: Plan, variables: PyTree, key: jax.Array) -> PyTree:
     ValueError: a site's kernel is missing or has another shape, or `variables` has LoRA leaves.
   """
   leaves = flatten(variables)
-  init = INITIALIZERS[plan.config.init]
   factors = {}
   for i, s in enumerate(plan.sites):
     if s.path not in leaves:
@@ -231,13 +231,21 @@ def attach(plan: Plan, variables: PyTree, key: jax.Array) -> PyTree:
     w = unbox(leaves[s.path])
     if tuple(jnp.shape(w)) != s.shape:
       raise ValueError(f"lj.attach: {s.path}: kernel shape {tuple(jnp.shape(w))} != plan's {s.shape}")
-    dtype = factor_dtype(w.dtype)
+    dtype = jnp.dtype(factor_dtype(w.dtype))
     a_sharding, b_sharding = factor_shardings(s.layout, w)
-    a = jax.jit(lambda k, shape=s.a_shape, fan=s.fan_in, dt=dtype: init(k, shape, fan, dt),
-                out_shardings=a_sharding)(jax.random.fold_in(key, i))
-    b = jax.jit(lambda shape=s.b_shape, dt=dtype: jnp.zeros(shape, dt), out_shardings=b_sharding)()
+    a = _creator(plan.config.init, s.a_shape, s.fan_in, dtype, a_sharding)(jax.random.fold_in(key, i))
+    b = _creator("zeros", s.b_shape, 0, dtype, b_sharding)(key)
     factors[s.path] = (s.layout, a, b)
   return put_factors(variables, factors, "lj.attach")
+
+
+@functools.lru_cache(maxsize=256)
+def _creator(init: str, shape: tuple[int, ...], fan_in: int, dtype: Any, sharding: Any) -> Any:
+  """A jitted factor initialiser whose output is created directly in `sharding` (compiled once
+  per distinct shape, init, dtype and sharding, so a model's repeated layers share it)."""
+  if init == "zeros":
+    return jax.jit(lambda key: jnp.zeros(shape, dtype), out_shardings=sharding)
+  return jax.jit(lambda key: INITIALIZERS[init](key, shape, fan_in, dtype), out_shardings=sharding)
 
 
 def factor_shardings(layout: Layout, kernel: Any) -> tuple[Any, Any]:

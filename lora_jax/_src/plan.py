@@ -232,6 +232,12 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
     traced = trace(apply_fn, variables, args, kwargs)
     found = traced.infer(selected)
 
+  for path in selected:
+    if arrays[path].ndim < 2:
+      raise ValueError(f"{path}: selected by LoraConfig.targets but it is a {arrays[path].ndim}-D "
+                       f"array of shape {tuple(arrays[path].shape)}, not a kernel (LoRA adapts "
+                       "weights with at least an in and an out axis); narrow the regex or add it "
+                       "to `exclude`")
   sites = []
   for i, path in enumerate(selected):
     shape = tuple(arrays[path].shape)
