@@ -14,12 +14,17 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
-.PHONY: demo test bench
+.PHONY: demo test lint bench
 demo: $(VENV)/.installed
 	$(PY) examples/digits_mlp.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
+
+# ruff + pyright (basic) over lora_jax/; needs the lint extra (CI installs it).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check lora_jax
+	$(VENV)/bin/pyright
 
 # bench extra (qwix, torch + PEFT, matplotlib) on top of whatever EXTRAS installed; torch first, as above.
 $(VENV)/.bench: $(VENV)/.installed

@@ -91,7 +91,9 @@ def test_delta_is_zero_at_init_and_merge_jits_with_donation():
   eager = lj.merge(p, _random_factors(tree))
   merge = jax.jit(lj.merge, static_argnums=0, donate_argnums=1)
   copy = jax.tree_util.tree_map(jnp.copy, _random_factors(tree))  # donation consumes it
-  merged = merge(p, copy)
+  # The kernels are updated in place; A and B have no output to alias, which JAX says.
+  with pytest.warns(UserWarning, match="donated buffers were not usable"):
+    merged = merge(p, copy)
   merged, eager = lj_tree.flatten(merged), lj_tree.flatten(eager)
   assert sorted(merged) == sorted(eager)
   for path in eager:

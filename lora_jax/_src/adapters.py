@@ -16,11 +16,23 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+from jax.core import Tracer
 
 from .init import INITIALIZERS
 from .layout import Layout, factor_dtype
-from .tree import (PyTree, SuffixKey, box_like, children, flatten, fresh, key_name, map_leaves,
-                   rebuild, unbox, with_value)
+from .tree import (
+  PyTree,
+  SuffixKey,
+  box_like,
+  children,
+  flatten,
+  fresh,
+  key_name,
+  map_leaves,
+  rebuild,
+  unbox,
+  with_value,
+)
 
 if TYPE_CHECKING:
   from .plan import Plan
@@ -253,7 +265,7 @@ def factor_shardings(layout: Layout, kernel: Any) -> tuple[Any, Any]:
   factor axes (`Layout.factor_axes`, rank axis replicated); None (the default device) otherwise."""
   from jax.sharding import NamedSharding, PartitionSpec
   sharding = getattr(kernel, "sharding", None)
-  if isinstance(sharding, NamedSharding) and not isinstance(kernel, jax.core.Tracer):
+  if isinstance(sharding, NamedSharding) and not isinstance(kernel, Tracer):
     spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
     a_axes, b_axes = layout.factor_axes(spec)
     return (NamedSharding(sharding.mesh, PartitionSpec(*a_axes)),

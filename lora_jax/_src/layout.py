@@ -51,7 +51,7 @@ class Layout:
       object.__setattr__(self, name, tuple(int(j) for j in getattr(self, name)))
 
   @classmethod
-  def from_roles(cls, roles: Mapping[int, Role]) -> "Layout":
+  def from_roles(cls, roles: Mapping[int, Role]) -> Layout:
     """The layout whose axis `j` plays `roles[j]`."""
     pick = lambda role: tuple(sorted(j for j, r in roles.items() if r is role))
     return cls(pick(Role.STACK), pick(Role.IN), pick(Role.OUT))
@@ -116,7 +116,7 @@ class Layout:
     return f"stack={fmt(self.stack_axes)} in={fmt(self.in_axes)} out={fmt(self.out_axes)}"
 
   @classmethod
-  def parse(cls, text: str) -> "Layout":
+  def parse(cls, text: str) -> Layout:
     """`"stack=(0) in=(2) out=(1,3)"` -> `Layout((0,), (2,), (1, 3))`; `stack=` may be left out."""
     found: dict[str, tuple[int, ...]] = {}
     for m in re.finditer(r"(\w+)\s*=\s*\(([^)]*)\)", text):
@@ -134,7 +134,7 @@ class Layout:
             "out_axes": list(self.out_axes)}
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Sequence[int]]) -> "Layout":
+  def from_dict(cls, d: Mapping[str, Sequence[int]]) -> Layout:
     return cls(tuple(d["stack_axes"]), tuple(d["in_axes"]), tuple(d["out_axes"]))
 
 

@@ -6,9 +6,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.core import Tracer
 
 from .adapters import site_arrays, strip
-from .layout import add_delta, delta as delta_formula
+from .layout import add_delta
+from .layout import delta as delta_formula
 from .plan import Plan
 from .tree import map_leaves, with_value
 
@@ -32,9 +34,9 @@ def merge(plan: Plan, tree: Any, *, check_finite: bool = False) -> Any:
   """Plain variables with `W' = W + scale · A·B` and the LoRA leaves removed.
 
   The sum is accumulated in float32 and cast once to W's dtype (integer kernels are rounded to
-  nearest and saturated); a concrete W's sharding is kept. `jit`-compatible: `jax.jit(lj.merge, static_argnums=0, donate_argnums=1)` updates the
-  kernels in place. To get the base back use `lj.strip(tree)` on the LoRA tree: never subtract
-  ΔW (that drifts in bf16).
+  nearest and saturated); a concrete W's sharding is kept. `jit`-compatible:
+  `jax.jit(lj.merge, static_argnums=0, donate_argnums=1)` updates the kernels in place. To get the
+  base back use `lj.strip(tree)` on the LoRA tree: never subtract ΔW (that drifts in bf16).
 
   Args:
     plan: the plan `tree` was made with.
@@ -57,7 +59,7 @@ def merge(plan: Plan, tree: Any, *, check_finite: bool = False) -> Any:
     if check_finite and not bool(jnp.all(jnp.isfinite(new))):
       raise ValueError(f"lj.merge: {s.path}: the merged kernel has non-finite values "
                        "(NaN or inf); nothing was merged")
-    if isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer):
+    if isinstance(w, jax.Array) and not isinstance(w, Tracer):
       new = jax.device_put(new, w.sharding)
     merged[s.path] = new
   return map_leaves(lambda p, x: with_value(x, merged[p]) if p in merged else x, strip(tree))

@@ -76,7 +76,7 @@ class Site:
             "scale": self.scale, "use": [u.to_dict() for u in self.use]}
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "Site":
+  def from_dict(cls, d: dict[str, Any]) -> Site:
     uses = tuple(Use(**u) if isinstance(u, dict) else _legacy_use(u) for u in d["use"])
     return cls(d["path"], tuple(d["shape"]), d["dtype"], Layout.from_dict(d["layout"]),
                d["rank"], d["alpha"], d["scale"], uses)
@@ -132,7 +132,7 @@ class Plan:
             "sites": [s.to_dict() for s in self.sites]}
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "Plan":
+  def from_dict(cls, d: dict[str, Any]) -> Plan:
     sites = tuple(Site.from_dict(s) for s in d["sites"])
     return cls(sites, LoraConfig.from_dict(d["config"]), int(d["base_params"]))
 
@@ -140,7 +140,7 @@ class Plan:
     return json.dumps(self.to_dict(), sort_keys=True)
 
   @classmethod
-  def from_json(cls, s: str) -> "Plan":
+  def from_json(cls, s: str) -> Plan:
     return cls.from_dict(json.loads(s))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -121,9 +121,9 @@ def rebuild(node: Any, items: list[tuple[Any, Any]]) -> Any:
     return None
   if isinstance(node, Mapping):
     d = {k.key: v for k, v in items}
-    return d if type(node) is dict else type(node)(d)
+    return d if type(node) is dict else cast(Any, type(node))(d)  # FrozenDict, nnx.State, ...
   treedef = jax.tree_util.tree_structure(node, is_leaf=lambda x: x is not node)
-  return treedef.unflatten([v for _, v in items])
+  return jax.tree_util.tree_unflatten(treedef, [v for _, v in items])
 
 
 def flatten_with_keys(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None
