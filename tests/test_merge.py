@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import lora_jax as lj
 from lora_jax._src import tree as lj_tree
