@@ -159,3 +159,16 @@ def test_returned_nnx_trees_share_no_variables_with_the_model():
   np.testing.assert_array_equal(np.asarray(lj.unmerged(fn, p)(tree, x)), before)
   np.testing.assert_array_equal(np.asarray(lj.strip(tree)["kernel"].get_value()), kernel)
   np.testing.assert_array_equal(np.asarray(lj.strip(tree)["bias"].get_value()), bias)
+
+
+def test_combine_refuses_a_base_that_still_has_adapters():
+  # combine(tree_with_lora, new) used to keep the old adapters silently.
+  params = {"dense": {"kernel": jnp.ones((4, 3))}}
+  p = lj.plan(lj.LoraConfig(targets=r".*kernel", rank=2), params)
+  tree = lj.attach(p, params, jax.random.key(0))
+  new, _ = lj.split(lj.attach(p, params, jax.random.key(1)))
+  with pytest.raises(ValueError, match=r"combine: `base` already carries LoRA leaves \(e.g. "
+                                       r"'dense/kernel_lora_a'\)"):
+    lj.combine(tree, new)
+  got = lj.combine(lj.strip(tree), new)
+  assert got["dense"]["kernel_lora_a"] is new["dense"]["kernel_lora_a"]
