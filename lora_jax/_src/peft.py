@@ -510,9 +510,9 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
     by_path[found[0]][found[1]] = module
     want = _peft_lookup(config["rank_pattern"], config["r"], module)
     if modules[module][0][0] != want:
-      raise ValueError(f"lj.import_peft: {PREFIX}{module}.lora_A.weight: rank "
-                       f"{modules[module][0][0]} (its shape {modules[module][0]}), but {config_path} "
-                       f"gives this module r={want} (`r` / `rank_pattern`)")
+      raise _config_error(config_path, "r / rank_pattern", f"gives PEFT module {module!r} r={want}, "
+                          f"but {PREFIX}{module}.lora_A.weight has rank {modules[module][0][0]} "
+                          f"(shape {modules[module][0]})")
 
   def per_path(value: Callable[[str], Any], what: str) -> dict[str, Any]:
     out = {}
