@@ -63,15 +63,18 @@ def _real(value: Any, field: str, what: str) -> float:
 
   Raises:
     TypeError: `value` is a bool or not a real number (a str, None, a list, ...).
-    ValueError: `value` is NaN or infinite.
+    ValueError: `value` is NaN, infinite, or an int too large for a float.
   """
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
     raise TypeError(f"LoraConfig.{field} must be {what} (an int or float), got {value!r} of type "
                     f"{_type_name(value)}")
-  value = float(value)
-  if not math.isfinite(value):
+  try:
+    number = float(value)
+  except OverflowError:  # an int too large for a float
+    number = math.inf
+  if not math.isfinite(number):
     raise ValueError(f"LoraConfig.{field} must be {what}, got {value!r}")
-  return value
+  return number
 
 
 def _positive_real(value: Any, field: str) -> float:

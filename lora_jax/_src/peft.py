@@ -25,7 +25,6 @@ import dataclasses
 import itertools
 import json
 import math
-import numbers
 import os
 import re
 import shlex
@@ -277,10 +276,15 @@ def _config_int(path: str, field: str, value: Any) -> int:
 
 def _config_real(path: str, field: str, value: Any) -> float:
   """A finite real > 0 from the adapter config (an int or float; no bool, no string)."""
-  if (isinstance(value, bool) or not isinstance(value, (int, float))
-      or not (math.isfinite(value) and value > 0)):
+  number = None
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    try:
+      number = float(value)
+    except OverflowError:  # an int too large for a float
+      pass
+  if number is None or not (math.isfinite(number) and number > 0):
     raise _config_error(path, field, f"expected a finite number > 0, got {value!r}")
-  return float(value)
+  return number
 
 
 def _config_pattern(config: Mapping[str, Any], path: str, field: str,
@@ -337,7 +341,8 @@ def _read_config(path: str) -> dict[str, Any]:
     raise _config_error(path, "lora_dropout", f"expected a number in [0, 1), got {dropout!r}")
   init = config.get("init_lora_weights", True)
   if not isinstance(init, (bool, str)):
-    raise _config_error(path, "init_lora_weights", f"expected true, false or a string, got {init!r}")
+    raise _config_error(path, "init_lora_weights",
+                        f"expected true, false or a string, got {init!r}")
   return {"r": _config_int(path, "r", config.get("r", 8)),
           "lora_alpha": _config_real(path, "lora_alpha", config.get("lora_alpha", 8)),
           "rank_pattern": _config_pattern(config, path, "rank_pattern", _config_int),
@@ -451,8 +456,8 @@ def _check_orientation(site: Site, a: tuple[int, ...], b: tuple[int, ...], modul
   fan_in, fan_out = a[1], b[0]
   if site.shape == (fan_out, fan_in) and site.shape != (fan_in, fan_out):
     raise ValueError(f"lj.import_peft: {site.path}: kernel of shape {site.shape} matches PEFT "
-                     f"module {module!r} (in={fan_in}, out={fan_out}) only as (out, in), but {how}; "
-                     f"it is not transposed silently: {fix}")
+                     f"module {module!r} (in={fan_in}, out={fan_out}) only as (out, in), but "
+                     f"{how}; it is not transposed silently: {fix}")
 
 
 def import_peft(directory: str | os.PathLike, base: Any, *,
@@ -510,9 +515,9 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
     by_path[found[0]][found[1]] = module
     want = _peft_lookup(config["rank_pattern"], config["r"], module)
     if modules[module][0][0] != want:
-      raise _config_error(config_path, "r / rank_pattern", f"gives PEFT module {module!r} r={want}, "
-                          f"but {PREFIX}{module}.lora_A.weight has rank {modules[module][0][0]} "
-                          f"(shape {modules[module][0]})")
+      raise _config_error(config_path, "r / rank_pattern",
+                          f"gives PEFT module {module!r} r={want}, but {PREFIX}{module}.lora_A."
+                          f"weight has rank {modules[module][0][0]} (shape {modules[module][0]})")
 
   def per_path(value: Callable[[str], Any], what: str) -> dict[str, Any]:
     out = {}
