@@ -99,3 +99,57 @@ def test_adapter_only_training_with_donation_reduces_loss():
     adapters, opt_state, l = step(adapters, opt_state)
     first = float(l) if first is None else first
   assert float(l) < 0.9 * first
+
+
+SUBNORMAL, QUIET_NAN, SIGNALLING_NAN = 0x000116C2, 0x7FC00001, 0x7F800001  # float32 bit patterns
+
+
+def _odd_base_tree():
+  """A LoRA tree whose base kernel and bias hold a subnormal (1e-40), a quiet NaN with payload 1,
+  a signalling NaN and -0.0: values an eager `x + -0.0` on XLA's CPU does not keep bit for bit."""
+  bits = np.array([[SUBNORMAL, QUIET_NAN, SIGNALLING_NAN], [0x80000000, 0x3FC00000, SUBNORMAL],
+                   [0, 0, 0], [0x3F800000, 0, QUIET_NAN]], np.uint32)
+  assert np.float32(1e-40).view(np.uint32) == SUBNORMAL
+  variables = {"params": {"dense": {"kernel": jnp.asarray(bits.view(np.float32)),
+                                    "bias": jnp.asarray(bits[0].view(np.float32))}}}
+  p = lj.plan(lj.LoraConfig(targets=r".*/kernel", rank=2), variables)
+  return lj.attach(p, variables, jax.random.key(0))
+
+
+def test_apply_updates_outside_jit_keeps_subnormals_and_nan_payloads_bit_identical():
+  from lora_jax._src.optim import apply_updates
+  tree = _odd_base_tree()
+  tx = lj.freeze_base(optax.adam(1e-1), tree)
+  state = tx.init(tree)
+  before = {k: _bits(v).copy() for k, v in lj_tree.flatten(tree).items()}
+  base_paths = set(lj_tree.flatten(lj.strip(tree)))
+  for _ in range(2):  # eager: no jit anywhere
+    grads = jax.tree_util.tree_map(jnp.ones_like, tree)
+    updates, state = tx.update(grads, state, tree)
+    new = apply_updates(tree, updates)
+    adapters, base = lj.split(new)
+    want = optax.apply_updates(lj.split(tree)[0], lj.split(updates)[0])
+    jax.tree_util.tree_map(lambda g, w: np.testing.assert_array_equal(_bits(g), _bits(w)),
+                           adapters, want)
+    flat_new, flat_old = lj_tree.flatten(new), lj_tree.flatten(tree)
+    for path in base_paths:
+      assert flat_new[path] is flat_old[path], path  # the same object, untouched
+      np.testing.assert_array_equal(_bits(flat_new[path]), before[path], err_msg=path)
+    tree = new
+  for path in set(before) - base_paths:
+    assert not np.array_equal(_bits(lj_tree.flatten(tree)[path]), before[path]), path
+  jitted = jax.jit(apply_updates)(tree, updates)  # and under jit
+  for path in base_paths:
+    np.testing.assert_array_equal(_bits(lj_tree.flatten(jitted)[path]), before[path], err_msg=path)
+
+
+def test_apply_updates_refuses_updates_of_another_tree():
+  from lora_jax._src.optim import apply_updates
+  tree = _odd_base_tree()
+  updates = jax.tree_util.tree_map(jnp.zeros_like, tree)
+  del updates["params"]["dense"]["bias"]
+  with pytest.raises(ValueError, match=r"'params/dense/bias' has no update"):
+    apply_updates(tree, updates)
+  updates = dict(jax.tree_util.tree_map(jnp.zeros_like, tree), extra=jnp.zeros(2))
+  with pytest.raises(ValueError, match=r"'extra' is an update for no leaf"):
+    apply_updates(tree, updates)

@@ -1,21 +1,36 @@
-"""PEFT import/export: round trips, the safetensors codec, and interop with PyTorch PEFT itself."""
+"""PEFT import/export: round trips, file and config checks, orientation refusals, and interop
+with PyTorch PEFT itself."""
 
 import json
 import os
 import pathlib
+import pickle
 import re
+import shutil
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy as st
 from conftest import optional
 
 import lora_jax as lj
-from lora_jax._src import _safetensors
 
 KEY_MAP = lj.peft_key_map.linen(scanned=("layers",))
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def _read_weights(directory):
+  return st.load_file(str(directory / WEIGHTS))
+
+
+def _write_weights(directory, tensors):
+  st.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / WEIGHTS),
+               metadata={"format": "pt"})
 
 
 class Layer(nn.Module):
@@ -89,7 +104,7 @@ def test_export_writes_peft_layout(net, tmp_path):
   """Key names, transposes, flattening of (16,2,4) and one module per scanned layer, by hand."""
   plan, tree = _adapted(net, "standard")
   lj.export_peft(tmp_path, plan, tree, key_map=KEY_MAP, base_model_name_or_path="toy")
-  tensors, _ = _safetensors.load(tmp_path / "adapter_model.safetensors")
+  tensors = _read_weights(tmp_path)
   config = json.loads((tmp_path / "adapter_config.json").read_text())
   p = {k: np.asarray(v) for k, v in tree["params"]["query"].items()}
   pre = "base_model.model."
@@ -121,47 +136,6 @@ def test_patterns_resolve_like_peft_for_suffix_names():
   assert {m: _peft_lookup(pattern, default, m) for m in values} == values
 
 
-def test_safetensors_codec_matches_the_package(tmp_path):
-  st = pytest.importorskip("safetensors.numpy")
-  rng = np.random.default_rng(0)
-  arrays = {"a": rng.normal(size=(3, 5)).astype(np.float32), "b": rng.normal(size=(7,)),
-            "c": rng.normal(size=(2, 2, 2)).astype(np.float16),
-            "d": rng.integers(-9, 9, size=(4,)).astype(np.int32), "e": np.zeros((0, 3), np.float32)}
-  ours, theirs = tmp_path / "ours.safetensors", tmp_path / "theirs.safetensors"
-  _safetensors.save(ours, arrays, {"format": "pt"})
-  st.save_file(arrays, str(theirs), metadata={"format": "pt"})
-  for path in (ours, theirs):
-    for name, got in [*st.load_file(str(path)).items(), *_safetensors.load(path)[0].items()]:
-      assert got.dtype == arrays[name].dtype and np.array_equal(got, arrays[name]), (path, name)
-  assert _safetensors.load(theirs)[1] == {"format": "pt"}
-
-
-def test_safetensors_bfloat16_matches_torch(tmp_path, torch_peft):
-  torch, _ = torch_peft
-  from safetensors.torch import load_file, save_file
-  x = torch.randn(3, 4).to(torch.bfloat16)
-  save_file({"x": x}, str(tmp_path / "t.safetensors"))
-  got = _safetensors.load(tmp_path / "t.safetensors")[0]["x"]
-  np.testing.assert_array_equal(got.astype(np.float32), x.float().numpy())
-  _safetensors.save(tmp_path / "o.safetensors", {"x": got})
-  assert torch.equal(load_file(str(tmp_path / "o.safetensors"))["x"], x)
-
-
-def test_safetensors_rejects_corrupt_files(tmp_path):
-  path = tmp_path / "x.safetensors"
-  _safetensors.save(path, {"a": np.ones((4, 4), np.float32)})
-  raw = path.read_bytes()
-  path.write_bytes(raw[:-3])
-  with pytest.raises(ValueError, match="data_offsets"):
-    _safetensors.load(path)
-  path.write_bytes(raw[:5])
-  with pytest.raises(ValueError, match="shorter than"):
-    _safetensors.load(path)
-  path.write_bytes(raw + b"\0" * 8)
-  with pytest.raises(ValueError, match="cover 64 of 72"):
-    _safetensors.load(path)
-
-
 # ---------------------------------------------------------------- errors
 
 def test_import_errors_name_the_key_and_leave_base_untouched(net, tmp_path):
@@ -184,10 +158,10 @@ def test_import_errors_name_the_key_and_leave_base_untouched(net, tmp_path):
     lj.import_peft(tmp_path, variables, key_map=lj.peft_key_map.linen(), apply_fn=model.apply,
                    args=(x,))
 
-  tensors, meta = _safetensors.load(tmp_path / "adapter_model.safetensors")
+  tensors = _read_weights(tmp_path)
   tensors["base_model.model.nope.lora_A.weight"] = np.zeros((2, 8), np.float32)
   tensors["base_model.model.nope.lora_B.weight"] = np.zeros((8, 2), np.float32)
-  _safetensors.save(tmp_path / "adapter_model.safetensors", tensors, meta)
+  _write_weights(tmp_path, tensors)
   with pytest.raises(ValueError, match=r"base_model\.model\.nope\.lora_A.*params/nope/kernel"):
     lj.import_peft(tmp_path, variables, key_map=KEY_MAP, apply_fn=model.apply, args=(x,))
 
@@ -201,10 +175,10 @@ def test_import_rejects_a_stack_with_a_missing_layer(net, tmp_path):
   model, variables, x = net
   plan, tree = _adapted(net, "standard")
   lj.export_peft(tmp_path, plan, tree, key_map=KEY_MAP)
-  tensors, meta = _safetensors.load(tmp_path / "adapter_model.safetensors")
+  tensors = _read_weights(tmp_path)
   for f in "AB":
     del tensors[f"base_model.model.layers.2.fc.lora_{f}.weight"]
-  _safetensors.save(tmp_path / "adapter_model.safetensors", tensors, meta)
+  _write_weights(tmp_path, tensors)
   with pytest.raises(ValueError, match=r"'layers\.2\.fc' is missing"):
     lj.import_peft(tmp_path, variables, key_map=KEY_MAP, apply_fn=model.apply, args=(x,))
 
@@ -230,12 +204,213 @@ def test_from_dict_key_map_round_trips_stacks(net, tmp_path):
   key_map = {"params/fc1/kernel": "model.up", "params/query/kernel": "model.attn.q_proj",
              "params/layers/fc/kernel": "model.layers.{}.mlp", "params/head/kernel": "lm_head"}
   lj.export_peft(tmp_path, plan, tree, key_map=key_map)
-  tensors, _ = _safetensors.load(tmp_path / "adapter_model.safetensors")
+  tensors = _read_weights(tmp_path)
   assert "base_model.model.model.layers.1.mlp.lora_B.weight" in tensors
   got, got_plan = lj.import_peft(tmp_path, variables, key_map=key_map, apply_fn=model.apply,
                                  args=(x,))
   assert _site_fields(got_plan) == _site_fields(plan)
   jax.tree_util.tree_map(np.testing.assert_array_equal, lj.split(got)[0], lj.split(tree)[0])
+
+
+# ---------------------------------------------------------------- files and config
+
+@pytest.fixture(scope="module")
+def dense_source(net, tmp_path_factory):
+  """A PEFT directory for fc1 (8, 16) and head (8, 5): non-square, importable without apply_fn."""
+  _, variables, _ = net
+  plan = lj.plan(lj.LoraConfig(targets=r"params/(fc1|head)/kernel", rank=2, alpha=4.0), variables)
+  tree = _random_factors(lj.attach(plan, variables, jax.random.key(0)), seed=1)
+  directory = tmp_path_factory.mktemp("dense") / "adapter"
+  lj.export_peft(directory, plan, tree)
+  return directory, variables, plan, tree
+
+
+@pytest.fixture
+def dense_adapter(dense_source, tmp_path):
+  """A fresh copy of `dense_source`'s directory, free to edit."""
+  directory, variables, plan, tree = dense_source
+  return pathlib.Path(shutil.copytree(directory, tmp_path / "adapter")), variables, plan, tree
+
+
+def _edit_config(directory, **fields):
+  path = directory / CONFIG
+  config = json.loads(path.read_text())
+  config.update(fields)
+  path.write_text(json.dumps(config))
+  return str(path)
+
+
+BAD_CONFIG = [
+    (dict(r="2"), r"r: expected a positive integer, got '2'"),
+    (dict(r=2.0), r"r: expected a positive integer, got 2\.0"),
+    (dict(r=True), r"r: expected a positive integer, got True"),
+    (dict(r=0), r"r: expected a positive integer, got 0"),
+    (dict(r=None), r"r: expected a positive integer, got None"),
+    (dict(lora_alpha="4"), r"lora_alpha: expected a finite number > 0, got '4'"),
+    (dict(lora_alpha=True), r"lora_alpha: expected a finite number > 0, got True"),
+    (dict(lora_alpha=float("nan")), r"lora_alpha: expected a finite number > 0, got nan"),
+    (dict(lora_alpha=10 ** 400), r"lora_alpha: expected a finite number > 0, got 1000"),
+    (dict(lora_alpha=-4), r"lora_alpha: expected a finite number > 0, got -4"),
+    (dict(lora_alpha=[4]), r"lora_alpha: expected a finite number > 0, got \[4\]"),
+    (dict(alpha_pattern={"head": "2"}), r"alpha_pattern\['head'\]: expected a finite number > 0"),
+    (dict(alpha_pattern=["head"]), r"alpha_pattern: expected a \{module pattern: value\} object"),
+    (dict(rank_pattern={"head": 2.0}), r"rank_pattern\['head'\]: expected a positive integer"),
+    (dict(rank_pattern={"(": 2}), r"rank_pattern\['\('\]: invalid regex"),
+    (dict(use_rslora="yes"), r"use_rslora: expected true or false, got 'yes'"),
+    (dict(lora_dropout=1.0), r"lora_dropout: expected a number in \[0, 1\), got 1\.0"),
+    (dict(lora_dropout="0.1"), r"lora_dropout: expected a number in \[0, 1\), got '0\.1'"),
+    (dict(init_lora_weights=1), r"init_lora_weights: expected true, false or a string, got 1"),
+    (dict(peft_type="IA3"), r"peft_type: only plain LoRA adapters .* got 'IA3'"),
+    (dict(use_dora=True), r"use_dora: DoRA adapters are not supported, got True"),
+    (dict(use_dora="false"), r"use_dora: DoRA adapters are not supported, got 'false'"),
+    (dict(r=3), r"r / rank_pattern: gives PEFT module 'fc1' r=3, but .*fc1\.lora_A\.weight has "
+                r"rank 2"),
+    (dict(rank_pattern={"head": 3}), r"r / rank_pattern: gives PEFT module 'head' r=3"),
+]
+
+
+@pytest.mark.parametrize("fields, match", BAD_CONFIG, ids=[f"{f!r:.40}" for f, _ in BAD_CONFIG])
+def test_import_config_errors_name_the_file_and_field(dense_adapter, fields, match):
+  directory, variables, _, _ = dense_adapter
+  path = _edit_config(directory, **fields)
+  with pytest.raises(ValueError, match=re.escape(path) + ".*" + match):
+    lj.import_peft(directory, variables)
+
+
+def test_import_config_control_and_malformed_json(dense_adapter):
+  """The fixture imports as is (so the refusals above are the edits'), and a config that is not
+  a JSON object is refused naming the file."""
+  directory, variables, plan, tree = dense_adapter
+  got, got_plan = lj.import_peft(directory, variables)
+  assert _site_fields(got_plan) == _site_fields(plan)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, lj.split(got)[0], lj.split(tree)[0])
+  path = directory / CONFIG
+  path.write_text("[1, 2]")
+  with pytest.raises(ValueError, match=re.escape(str(path)) + ": expected a JSON object"):
+    lj.import_peft(directory, variables)
+  path.write_text("{r: 2")
+  with pytest.raises(ValueError, match=re.escape(str(path)) + ": not valid JSON"):
+    lj.import_peft(directory, variables)
+
+
+class _Unpickled:
+  """Unpickling this creates `marker`: proof that a pickle was (not) loaded."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return open, (self.marker, "w")
+
+
+def test_import_refuses_a_pytorch_bin_without_loading_it(dense_adapter):
+  directory, variables, _, _ = dense_adapter
+  marker = directory.parent / "unpickled"
+  os.remove(directory / WEIGHTS)
+  (directory / "adapter_model.bin").write_bytes(pickle.dumps(_Unpickled(str(marker))))
+  before = jax.tree_util.tree_map(np.array, variables)
+  with pytest.raises(FileNotFoundError) as info:
+    lj.import_peft(directory, variables)
+  message = str(info.value)
+  assert f"{directory / WEIGHTS} does not exist, but {directory / 'adapter_model.bin'}" in message
+  assert "never loads" in message
+  assert ("python -c \"import torch, safetensors.torch as st; st.save_file(torch.load("
+          "'adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\"") in message
+  assert not marker.exists()
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables, before)
+  os.remove(directory / "adapter_model.bin")  # neither file: the plain message
+  with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors does not exist \(a"):
+    lj.import_peft(directory, variables)
+
+
+def test_import_refuses_corrupt_or_non_float_weights(dense_adapter):
+  directory, variables, _, _ = dense_adapter
+  path = directory / WEIGHTS
+  raw = path.read_bytes()
+  header = re.escape(str(path)) + r": not a valid safetensors file \(.*"
+  for bad, why in [(raw[:-3], "not fully covered"), (raw[:5], "too small"),
+                   (raw + b"\0" * 8, "not fully covered"),
+                   ((10 ** 12).to_bytes(8, "little") + raw[8:], "header too large")]:
+    path.write_bytes(bad)
+    with pytest.raises(ValueError, match=header + why):
+      lj.import_peft(directory, variables)
+  path.write_bytes(raw)
+  tensors = _read_weights(directory)
+  key = "base_model.model.fc1.lora_A.weight"
+  tensors[key] = tensors[key].astype(np.int32)
+  _write_weights(directory, tensors)
+  with pytest.raises(ValueError, match=re.escape(f"tensor '{key}' has dtype I32")):
+    lj.import_peft(directory, variables)
+
+
+# ---------------------------------------------------------------- kernel orientation
+
+class TLinear(nn.Module):
+  """A torch-style linear layer: `kernel` stored (out, in) and used as `x @ kernel.T + bias`."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("kernel", nn.initializers.normal(0.3), (self.features, x.shape[-1]))
+    b = self.param("bias", nn.initializers.normal(0.1), (self.features,))
+    return x @ w.T + b
+
+
+class TorchStyle(nn.Module):
+  """fc (8, 8) stored (in, out); proj (8, 8) and out (5, 8) stored (out, in), used as x @ W.T."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = jnp.tanh(nn.Dense(8, name="fc")(x))
+    h = jnp.tanh(TLinear(8, name="proj")(h))
+    return TLinear(5, name="out")(h)
+
+
+@pytest.fixture(scope="module")
+def torch_style():
+  return _init(TorchStyle(), 6, seed=11)
+
+
+def _subset(src, dst, modules):
+  """A copy of the PEFT directory `src` holding only `modules`' factors."""
+  os.makedirs(dst)
+  (dst / CONFIG).write_text((src / CONFIG).read_text())
+  _write_weights(dst, {k: v for k, v in _read_weights(src).items()
+                       if k.split(".")[2] in modules})
+  return dst
+
+
+def _assert_orientation_refused(directory, variables, apply_fn=None, args=()):
+  """Each kernel alone: the square ones and the (out, in) one are refused, naming the path."""
+  square = r"square kernel \(8, 8\): whether it is stored \(in, out\).*cannot be read off its shape"
+  for module, match in [("fc", square), ("proj", square),
+                        ("out", r"kernel of shape \(5, 8\) matches PEFT module 'out' \(in=8, "
+                                r"out=5\) only as \(out, in\).*not transposed silently")]:
+    only = _subset(directory, directory.parent / f"only-{module}", {module})
+    with pytest.raises(ValueError, match=rf"lj\.import_peft: params/{module}/kernel: {match}.*"
+                                         r"pass `apply_fn=` \(and `args=`\)"):
+      lj.import_peft(only, variables, apply_fn=apply_fn, args=args)
+
+
+def test_kernels_stored_out_in_round_trip_with_apply_fn_and_are_refused_without(torch_style,
+                                                                                tmp_path):
+  model, variables, x = torch_style
+  plan = lj.plan(lj.LoraConfig(targets=r"params/(fc|proj|out)/kernel", rank=2), variables,
+                 apply_fn=model.apply, args=(x,))
+  layouts = {s.path: (s.layout.in_axes, s.layout.out_axes) for s in plan.sites}
+  assert layouts == {"params/fc/kernel": ((0,), (1,)), "params/proj/kernel": ((1,), (0,)),
+                     "params/out/kernel": ((1,), (0,))}
+  tree = _random_factors(lj.attach(plan, variables, jax.random.key(0)), seed=1)
+  lj.export_peft(tmp_path / "all", plan, tree)
+  got, got_plan = lj.import_peft(tmp_path / "all", variables, apply_fn=model.apply, args=(x,))
+  assert _site_fields(got_plan) == _site_fields(plan)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, lj.split(got)[0], lj.split(tree)[0])
+  with pytest.raises(ValueError, match=r"params/fc/kernel: square kernel"):
+    lj.import_peft(tmp_path / "all", variables)
+  _assert_orientation_refused(tmp_path / "all", variables)
+  # a function that never reads the kernels decides nothing either
+  with pytest.raises(ValueError, match=r"params/fc/kernel: square kernel.*`apply_fn` never uses"):
+    lj.import_peft(tmp_path / "all", variables, apply_fn=lambda v, x: x, args=(x,))
 
 
 # ---------------------------------------------------------------- interop with PyTorch PEFT
@@ -391,9 +566,113 @@ def test_nnx_state_round_trip(tmp_path):
   plan = lj.plan(lj.LoraConfig(targets=r"l\d/kernel", rank=2), state)
   tree = _random_factors(lj.attach(plan, state, jax.random.key(0)), seed=1)
   lj.export_peft(tmp_path, plan, tree, key_map=lj.peft_key_map.nnx())
-  tensors, _ = _safetensors.load(tmp_path / "adapter_model.safetensors")
+  tensors = _read_weights(tmp_path)
   assert sorted(tensors) == [f"base_model.model.l{i}.lora_{f}.weight" for i in (1, 2) for f in "AB"]
   got, got_plan = lj.import_peft(tmp_path, state, key_map=lj.peft_key_map.nnx())
   assert _site_fields(got_plan) == _site_fields(plan)
   assert isinstance(got["l1"]["kernel_lora_a"], nnx.Param)
   np.testing.assert_array_equal(lj.unmerged(fn, got_plan)(got, x), lj.unmerged(fn, plan)(tree, x))
+
+
+def _torch_style(torch, variables):
+  """TorchStyle in torch: fc's Linear weight is its kernel transposed; proj's and out's are their
+  kernels as stored."""
+  p = {k: {n: np.asarray(v) for n, v in d.items()} for k, d in variables["params"].items()}
+
+  class Twin(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.fc, self.proj, self.out = (torch.nn.Linear(8, 8), torch.nn.Linear(8, 8),
+                                      torch.nn.Linear(8, 5))
+
+    def forward(self, x):
+      return self.out(torch.tanh(self.proj(torch.tanh(self.fc(x)))))
+
+  m = Twin()
+  with torch.no_grad():
+    for name, weight in (("fc", p["fc"]["kernel"].T), ("proj", p["proj"]["kernel"]),
+                         ("out", p["out"]["kernel"])):
+      getattr(m, name).weight.copy_(torch.from_numpy(weight.copy()))
+      getattr(m, name).bias.copy_(torch.from_numpy(p[name]["bias"].copy()))
+  return m.eval()
+
+
+def test_square_kernel_stored_out_in_matches_peft_only_with_apply_fn(torch_peft, torch_style,
+                                                                     tmp_path):
+  """proj is square and stored (out, in), like HF Flax GPT-2's c_proj: guessing (in, out) put
+  the adapter in transposed with no error. With apply_fn it matches PEFT; without, it is refused."""
+  torch, peft = torch_peft
+  model, variables, x = torch_style
+  torch.manual_seed(0)
+  twin = _torch_style(torch, variables)
+  np.testing.assert_allclose(_torch_out(torch, twin, x), model.apply(variables, x), atol=1e-5)
+  peft_model = peft.get_peft_model(twin, peft.LoraConfig(r=2, lora_alpha=4,
+                                                         target_modules=["fc", "proj", "out"]))
+  with torch.no_grad():
+    for name, param in peft_model.named_parameters():
+      if "lora_B" in name:
+        param.normal_()
+  peft_model.save_pretrained(str(tmp_path / "all"))
+  want = _torch_out(torch, peft_model.eval(), x)
+
+  tree, plan = lj.import_peft(tmp_path / "all", variables, apply_fn=model.apply, args=(x,))
+  saved = _read_weights(tmp_path / "all")
+  for name in ("fc", "proj", "out"):  # the factors are PEFT's, transposed, bit for bit
+    p = tree["params"][name]
+    for f in "ab":
+      np.testing.assert_array_equal(p[f"kernel_lora_{f}"],
+                                    saved[f"base_model.model.{name}.lora_{f.upper()}.weight"].T)
+  assert not np.allclose(want, model.apply(variables, x), atol=1e-2)
+  np.testing.assert_allclose(lj.unmerged(model.apply, plan)(tree, x), want, rtol=1e-5, atol=1e-5)
+  merged, torch_merged = lj.merge(plan, tree)["params"], peft_model.merge_and_unload()
+  for name, as_torch in (("fc", lambda k: k.T), ("proj", lambda k: k), ("out", lambda k: k)):
+    np.testing.assert_allclose(as_torch(np.asarray(merged[name]["kernel"])),
+                               getattr(torch_merged, name).weight.detach().numpy(), atol=1e-6)
+
+  with pytest.raises(ValueError, match=r"params/fc/kernel: square kernel"):
+    lj.import_peft(tmp_path / "all", variables)
+  _assert_orientation_refused(tmp_path / "all", variables)
+
+
+def test_bf16_peft_adapter_imports_as_float32(torch_peft, mlp, tmp_path):
+  """A PEFT adapter saved in bfloat16 (a bf16 torch model) reads through the safetensors
+  package's numpy API with the values kept exactly."""
+  torch, _ = torch_peft
+  from safetensors.torch import save_file
+  _, variables, _ = mlp
+  pre = "base_model.model."
+  tensors = {f"{pre}fc1.lora_A.weight": torch.randn(2, 8).bfloat16(),
+             f"{pre}fc1.lora_B.weight": torch.randn(16, 2).bfloat16()}
+  save_file(tensors, str(tmp_path / WEIGHTS), metadata={"format": "pt"})
+  (tmp_path / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+  tree, plan = lj.import_peft(tmp_path, variables)
+  assert plan.paths == ("params/fc1/kernel",)
+  fc1 = tree["params"]["fc1"]
+  assert fc1["kernel_lora_a"].dtype == jnp.float32
+  for f in "ab":
+    want = tensors[f"{pre}fc1.lora_{f.upper()}.weight"].float().numpy().T
+    np.testing.assert_array_equal(fc1[f"kernel_lora_{f}"], want)
+
+
+def test_bin_conversion_command_from_the_error_works(torch_peft, mlp, tmp_path):
+  """PEFT's pickle format is refused; the one-line conversion in the message makes it loadable."""
+  torch, peft = torch_peft
+  model, variables, x = mlp
+  torch.manual_seed(1)
+  config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "head"])
+  peft_model = peft.get_peft_model(_torch_mlp(torch, variables), config)
+  with torch.no_grad():
+    for name, param in peft_model.named_parameters():
+      if "lora_B" in name:
+        param.normal_()
+  peft_model.save_pretrained(str(tmp_path), safe_serialization=False)
+  assert not (tmp_path / WEIGHTS).exists() and (tmp_path / "adapter_model.bin").exists()
+  with pytest.raises(FileNotFoundError) as info:
+    lj.import_peft(tmp_path, variables)
+  command = str(info.value).splitlines()[-1].strip()
+  assert "python -c" in command
+  subprocess.run(["bash", "-c", command.replace("python -c", f"{sys.executable} -c", 1)],
+                 check=True)
+  tree, plan = lj.import_peft(tmp_path, variables)
+  np.testing.assert_allclose(lj.unmerged(model.apply, plan)(tree, x),
+                             _torch_out(torch, peft_model.eval(), x), rtol=1e-5, atol=1e-5)

@@ -3,6 +3,11 @@
 Vocabulary mirrors PEFT (`r` -> `rank`, `lora_alpha` -> `alpha`, `rank_pattern`, `alpha_pattern`,
 `use_rslora` -> `scaling="rslora"`). Patterns are regular expressions *fullmatched* against the
 '/'-joined leaf path of a variable, e.g. ``"params/Block_0/query/kernel"``.
+
+Values are checked strictly, never coerced: a rank is an `int` (not a `bool`, not a float, not
+even `4.0`), an alpha or dropout a real number (`int` or `float`, not a `bool` or a string), and
+every error is a `TypeError` (wrong type) or `ValueError` (wrong value) naming the field, e.g.
+``LoraConfig.alpha_pattern['.*']``.
 """
 
 from __future__ import annotations
@@ -10,34 +15,157 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 SCALINGS = ("standard", "rslora")
 INITS = ("kaiming_uniform", "gaussian")
 
 
-def _as_patterns(value: str | Sequence[str], field: str) -> tuple[str, ...]:
-  patterns = (value,) if isinstance(value, str) else tuple(value)
-  for p in patterns:
-    if not isinstance(p, str):
-      raise TypeError(f"LoraConfig.{field}: expected regex strings, got {p!r}")
-    try:
-      re.compile(p)
-    except re.error as e:
-      raise ValueError(f"LoraConfig.{field}: invalid regex {p!r}: {e}") from None
-  return patterns
+def _type_name(value: Any) -> str:
+  return type(value).__name__
 
 
-def _as_pattern_pairs(value: Mapping[str, Any] | Sequence[tuple[str, Any]], field: str,
-                      cast: type) -> tuple[tuple[str, Any], ...]:
-  pairs = tuple(value.items()) if isinstance(value, Mapping) else tuple(tuple(p) for p in value)
+def _positive_int(value: Any, field: str) -> int:
+  """`value` as an `int` >= 1.
+
+  Args:
+    value: the candidate rank.
+    field: the field's name for messages (`rank`, `rank_pattern['.*']`).
+
+  Returns:
+    `int(value)` (a numpy integer becomes a Python `int`).
+
+  Raises:
+    TypeError: `value` is a bool, a float (even an integral one) or not a number.
+    ValueError: `value` < 1.
+  """
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"LoraConfig.{field} must be a positive integer (an int), got {value!r} "
+                    f"of type {_type_name(value)}")
+  if value < 1:
+    raise ValueError(f"LoraConfig.{field} must be a positive integer, got {value!r}")
+  return int(value)
+
+
+def _real(value: Any, field: str, what: str) -> float:
+  """`value` as a finite `float`, refusing bools, strings and non-numbers (no coercion).
+
+  Args:
+    value: the candidate number.
+    field: the field's name for messages.
+    what: the requirement, for messages (`"a finite number > 0"`).
+
+  Returns:
+    `float(value)`.
+
+  Raises:
+    TypeError: `value` is a bool or not a real number (a str, None, a list, ...).
+    ValueError: `value` is NaN, infinite, or an int too large for a float.
+  """
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"LoraConfig.{field} must be {what} (an int or float), got {value!r} of type "
+                    f"{_type_name(value)}")
+  try:
+    number = float(value)
+  except OverflowError:  # an int too large for a float
+    number = math.inf
+  if not math.isfinite(number):
+    raise ValueError(f"LoraConfig.{field} must be {what}, got {value!r}")
+  return number
+
+
+def _positive_real(value: Any, field: str) -> float:
+  """`value` as a finite `float` > 0 (see `_real`); `ValueError` for <= 0."""
+  what = "a finite number > 0"
+  out = _real(value, field, what)
+  if not out > 0:
+    raise ValueError(f"LoraConfig.{field} must be {what}, got {value!r}")
+  return out
+
+
+def _regex(value: Any, field: str) -> str:
+  """`value` if it is a `str` that compiles as a regex; else `TypeError`/`ValueError` naming
+  `field`."""
+  if not isinstance(value, str):
+    raise TypeError(f"LoraConfig.{field}: expected a regex string, got {value!r} of type "
+                    f"{_type_name(value)}")
+  try:
+    re.compile(value)
+  except re.error as e:
+    raise ValueError(f"LoraConfig.{field}: invalid regex {value!r}: {e}") from None
+  return value
+
+
+def _as_patterns(value: Any, field: str) -> tuple[str, ...]:
+  """A regex or a list/tuple of regexes as a tuple of regexes.
+
+  Args:
+    value: a `str`, or a list/tuple of `str`.
+    field: `targets` or `exclude`, for messages.
+
+  Returns:
+    The regexes, in order.
+
+  Raises:
+    TypeError: `value` is neither a str nor a list/tuple (None, a set, a dict, a number...), or
+      holds a non-string (named by its index).
+    ValueError: a regex does not compile.
+  """
+  if isinstance(value, str):
+    return (_regex(value, field),)
+  if not isinstance(value, (list, tuple)):
+    raise TypeError(f"LoraConfig.{field}: expected a regex string or a list/tuple of them, got "
+                    f"{value!r} of type {_type_name(value)}")
+  return tuple(_regex(p, f"{field}[{i}]") for i, p in enumerate(value))
+
+
+def _as_pattern_pairs(value: Any, field: str, check: Callable[[Any, str], Any]
+                      ) -> tuple[tuple[str, Any], ...]:
+  """`{regex: value}` (or a sequence of `(regex, value)` pairs) as a tuple of checked pairs.
+
+  Args:
+    value: a Mapping, or a list/tuple of 2-item lists/tuples (the frozen form).
+    field: `rank_pattern` or `alpha_pattern`, for messages.
+    check: `check(v, name)` validates and normalises one value; `name` is
+      `field[<regex>]`.
+
+  Returns:
+    `((regex, checked value), ...)` in the given order.
+
+  Raises:
+    TypeError: `value` is not a mapping or a sequence of pairs, a key is not a str, or (from
+      `check`) a value has the wrong type.
+    ValueError: a key does not compile, or (from `check`) a value is out of range.
+  """
+  if isinstance(value, Mapping):
+    pairs = list(value.items())
+  elif isinstance(value, (list, tuple)):
+    pairs = []
+    for i, p in enumerate(value):
+      if not isinstance(p, (list, tuple)) or len(p) != 2:
+        raise TypeError(f"LoraConfig.{field}[{i}]: expected a (regex, value) pair, got {p!r}")
+      pairs.append(tuple(p))
+  else:
+    raise TypeError(f"LoraConfig.{field}: expected a {{regex: value}} dict, got {value!r} of "
+                    f"type {_type_name(value)}")
   out = []
   for pattern, v in pairs:
-    _as_patterns(pattern, field)
-    out.append((pattern, cast(v)))
+    name = f"{field}[{pattern!r}]"
+    out.append((_regex(pattern, name), check(v, name)))
   return tuple(out)
+
+
+def _choice(value: Any, field: str, choices: tuple[str, ...]) -> str:
+  """`value` if it is one of the strings `choices`; else `TypeError`/`ValueError` naming `field`."""
+  if not isinstance(value, str):
+    raise TypeError(f"LoraConfig.{field} must be one of {choices}, got {value!r} of type "
+                    f"{_type_name(value)}")
+  if value not in choices:
+    raise ValueError(f"LoraConfig.{field} must be one of {choices}, got {value!r}")
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,15 +173,24 @@ class LoraConfig:
   """Which kernels to adapt and how. Frozen, hashable, JSON round-trip (`to_json`/`from_json`).
 
   Attributes:
-    targets: regex or sequence of regexes, fullmatched against '/'-joined leaf paths.
-    rank: default LoRA rank `r`.
-    alpha: default `alpha`; the update is `ΔW = scale · A·B` with `scale = alpha / r`
-      (`scaling="standard"`, Hu et al. 2021) or `alpha / sqrt(r)` (`scaling="rslora"`, Kalajdzievski 2023).
+    targets: regex or list/tuple of regexes, fullmatched against '/'-joined leaf paths.
+    rank: default LoRA rank `r`, an `int` >= 1.
+    alpha: default `alpha`, a finite real > 0; the update is `ΔW = scale · A·B` with
+      `scale = alpha / r` (`scaling="standard"`, Hu et al. 2021) or `alpha / sqrt(r)`
+      (`scaling="rslora"`, Kalajdzievski 2023).
     exclude: regexes; a path matching any of them is never adapted (exclusion wins).
-    dropout: dropout rate on the LoRA input path only (`drop(x)·A·B`); the base path is untouched.
+    dropout: dropout rate in `[0, 1)` on the LoRA input path only (`drop(x)·A·B`); the base path
+      is untouched.
     init: `"kaiming_uniform"`: `A ~ U(±1/sqrt(fan_in))` (PEFT's default); `"gaussian"`:
       `A ~ N(0, (1/r)^2)`. `B = 0` always, so the model is unchanged at step 0.
-    rank_pattern, alpha_pattern: `{regex: value}` per-path overrides; the first match wins.
+    rank_pattern, alpha_pattern: `{regex: value}` per-path overrides; the first match wins. Values
+      obey the same rules as `rank` and `alpha`.
+
+  Raises:
+    TypeError: a field of the wrong type (a float or bool rank, a str or bool alpha, a
+      non-string regex, ...), naming the field (`LoraConfig.rank_pattern['.*']`).
+    ValueError: a value out of range (rank < 1, alpha <= 0 or not finite, dropout outside
+      `[0, 1)`, unknown scaling/init, a regex that does not compile, no targets), naming the field.
   """
 
   targets: tuple[str, ...] | str = ()
@@ -73,23 +210,16 @@ class LoraConfig:
     set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass: normalise once here
     set_("targets", targets)
     set_("exclude", _as_patterns(self.exclude, "exclude"))
-    set_("rank_pattern", _as_pattern_pairs(self.rank_pattern, "rank_pattern", int))
-    set_("alpha_pattern", _as_pattern_pairs(self.alpha_pattern, "alpha_pattern", float))
-    for name, r in (("rank", self.rank), *((f"rank_pattern[{p!r}]", v) for p, v in self.rank_pattern)):
-      if isinstance(r, bool) or int(r) != r or r < 1:
-        raise ValueError(f"LoraConfig.{name} must be a positive integer, got {r!r}")
-    set_("rank", int(self.rank))
-    set_("alpha", float(self.alpha))
-    for name, a in (("alpha", self.alpha), *((f"alpha_pattern[{p!r}]", v) for p, v in self.alpha_pattern)):
-      if not (a > 0 and math.isfinite(a)):
-        raise ValueError(f"LoraConfig.{name} must be a finite number > 0, got {a!r}")
-    if not 0.0 <= float(self.dropout) < 1.0:
+    set_("rank", _positive_int(self.rank, "rank"))
+    set_("alpha", _positive_real(self.alpha, "alpha"))
+    set_("rank_pattern", _as_pattern_pairs(self.rank_pattern, "rank_pattern", _positive_int))
+    set_("alpha_pattern", _as_pattern_pairs(self.alpha_pattern, "alpha_pattern", _positive_real))
+    dropout = _real(self.dropout, "dropout", "a number in [0, 1)")
+    if not 0.0 <= dropout < 1.0:
       raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-    set_("dropout", float(self.dropout))
-    if self.scaling not in SCALINGS:
-      raise ValueError(f"LoraConfig.scaling must be one of {SCALINGS}, got {self.scaling!r}")
-    if self.init not in INITS:
-      raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+    set_("dropout", dropout)
+    _choice(self.scaling, "scaling", SCALINGS)
+    _choice(self.init, "init", INITS)
 
   def selects(self, path: str) -> bool:
     """True if `path` fullmatches a target and no exclude pattern."""
@@ -110,6 +240,7 @@ class LoraConfig:
     return a / math.sqrt(r) if self.scaling == "rslora" else a / r
 
   def to_dict(self) -> dict[str, Any]:
+    """The fields as JSON-able Python values (lists and dicts; `from_dict` reverses it)."""
     d = dataclasses.asdict(self)
     d["rank_pattern"] = dict(self.rank_pattern)
     d["alpha_pattern"] = dict(self.alpha_pattern)
@@ -118,11 +249,45 @@ class LoraConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
+    """A config from `to_dict`'s output (or any subset of the fields).
+
+    Args:
+      d: `{field: value}`; values are checked as by the constructor.
+
+    Returns:
+      The config.
+
+    Raises:
+      TypeError: `d` is not a mapping, or a value has the wrong type (naming the field).
+      ValueError: `d` has a key that is not a field (naming the key), or a value is out of range.
+    """
+    if not isinstance(d, Mapping):
+      raise TypeError(f"LoraConfig.from_dict: expected a {{field: value}} dict, got "
+                      f"{_type_name(d)}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in fields]
+    if unknown:
+      raise ValueError(f"LoraConfig.from_dict: unknown field {unknown[0]!r} (fields: "
+                       f"{', '.join(fields)})")
     return cls(**d)
 
   def to_json(self) -> str:
+    """`to_dict()` as a JSON string (sorted keys)."""
     return json.dumps(self.to_dict(), sort_keys=True)
 
   @classmethod
   def from_json(cls, s: str) -> "LoraConfig":
+    """A config from `to_json`'s output.
+
+    Args:
+      s: a JSON object of fields.
+
+    Returns:
+      The config.
+
+    Raises:
+      ValueError: `s` is not JSON (`json.JSONDecodeError`), names an unknown field, or holds a
+        value out of range.
+      TypeError: `s` is not a JSON object, or a value has the wrong type.
+    """
     return cls.from_dict(json.loads(s))

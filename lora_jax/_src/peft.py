@@ -11,6 +11,11 @@ stacked kernel `(L, ...)` becomes `L` PEFT modules. Scales round-trip through PE
 
 A `KeyMap` names the PEFT module of each site (and back); `peft_key_map.linen()`,
 `peft_key_map.nnx()` and `peft_key_map.from_dict({...})` cover the usual cases.
+
+Files go through the `safetensors` package's numpy API, which validates the header (size, JSON,
+offsets covering the data exactly) before any tensor is read; a PyTorch `adapter_model.bin`
+(a pickle) is never loaded. Without `apply_fn`, `import_peft` refuses a 2-D kernel whose
+orientation it would have to guess (a square one, or one shaped `(out, in)`).
 """
 
 from __future__ import annotations
@@ -19,16 +24,21 @@ import collections
 import dataclasses
 import itertools
 import json
+import math
 import os
 import re
+import shlex
+import tempfile
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so BF16 safetensors read as such)
 import numpy as np
+import safetensors
+import safetensors.numpy
 
-from . import _safetensors
 from .config import LoraConfig
 from .adapters import LORA_A, LORA_B, put_factors, site_arrays
 from .plan import Plan, Site, plan as make_plan
@@ -36,6 +46,8 @@ from .tree import flatten, unbox
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+PICKLE_NAME = "adapter_model.bin"
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 PREFIX = "base_model.model."
 _KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
 Index = tuple[int, ...]
@@ -169,6 +181,29 @@ def _check_exportable(site: Site) -> None:
                               f"be exported to PEFT; this one is used as {site.use or ('a conv',)}")
 
 
+def _save_weights(path: str, tensors: Mapping[str, np.ndarray]) -> None:
+  """Write `tensors` to the safetensors file `path` atomically (a temporary file beside it, then
+  `os.replace`), with PEFT's `{"format": "pt"}` metadata.
+
+  Every array is made C-contiguous first: `safetensors.numpy.save_file` copies `nbytes` from the
+  array's data pointer, so a transposed view would be written in memory order, silently wrong.
+
+  Args:
+    path: the file to write.
+    tensors: `{name: array}`.
+  """
+  arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                             suffix=".safetensors")
+  os.close(fd)
+  try:
+    safetensors.numpy.save_file(arrays, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
 def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
                 key_map: KeyMap | Mapping[str, str] | None = None,
                 base_model_name_or_path: str | None = None) -> None:
@@ -210,47 +245,219 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
             "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
             "inference_mode": True}
   os.makedirs(directory, exist_ok=True)
-  _safetensors.save(os.path.join(directory, WEIGHTS_NAME), tensors, {"format": "pt"})
+  _save_weights(os.path.join(directory, WEIGHTS_NAME), tensors)
   tmp = os.path.join(directory, f".tmp-{CONFIG_NAME}")
   with open(tmp, "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   os.replace(tmp, os.path.join(directory, CONFIG_NAME))
 
 
-def _read(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  paths = [os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME)]
-  for p in paths:
-    if not os.path.isfile(p):
-      raise FileNotFoundError(f"lj.import_peft: {p} does not exist (a PEFT adapter directory has "
-                              f"{CONFIG_NAME} and {WEIGHTS_NAME})")
-  with open(paths[0]) as f:
-    config = json.load(f)
-  if config.get("peft_type") != "LORA" or config.get("use_dora"):
-    raise ValueError(f"lj.import_peft: {paths[0]}: only plain LoRA adapters are supported, got "
-                     f"peft_type={config.get('peft_type')!r}, use_dora={config.get('use_dora')!r}")
-  tensors, _ = _safetensors.load(paths[1])
-  return config, tensors
+def _bin_refusal(directory: str | os.PathLike, weights: str, pickle_path: str) -> FileNotFoundError:
+  """The error for a PEFT directory holding only the PyTorch pickle `adapter_model.bin`."""
+  command = (f"cd {shlex.quote(os.fspath(directory))} && python -c \"import torch, "
+             f"safetensors.torch as st; st.save_file(torch.load('{PICKLE_NAME}', "
+             f"weights_only=True), '{WEIGHTS_NAME}')\"")
+  return FileNotFoundError(
+      f"lj.import_peft: {weights} does not exist, but {pickle_path} does: a PyTorch pickle, which "
+      f"lj.import_peft never loads (unpickling can run arbitrary code). If you trust the file, "
+      f"convert it once with torch and safetensors:\n  {command}")
 
 
-def _modules(tensors: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """`{module: (lora_A (r, in), lora_B (out, r))}`, checking names and shapes."""
-  parts: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-  for key, x in tensors.items():
+def _config_error(path: str, field: str, why: str) -> ValueError:
+  return ValueError(f"lj.import_peft: {path}: {field}: {why}")
+
+
+def _config_int(path: str, field: str, value: Any) -> int:
+  """A positive int from the adapter config (no bool, no float, no string)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise _config_error(path, field, f"expected a positive integer, got {value!r}")
+  return value
+
+
+def _config_real(path: str, field: str, value: Any) -> float:
+  """A finite real > 0 from the adapter config (an int or float; no bool, no string)."""
+  number = None
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    try:
+      number = float(value)
+    except OverflowError:  # an int too large for a float
+      pass
+  if number is None or not (math.isfinite(number) and number > 0):
+    raise _config_error(path, field, f"expected a finite number > 0, got {value!r}")
+  return number
+
+
+def _config_pattern(config: Mapping[str, Any], path: str, field: str,
+                    check: Callable[..., Any]) -> dict[str, Any]:
+  """PEFT's `{key: value}` pattern dict (`rank_pattern`, `alpha_pattern`), values checked."""
+  value = config.get(field)
+  if value is None:
+    return {}
+  if not isinstance(value, dict):
+    raise _config_error(path, field, f"expected a {{module pattern: value}} object, got {value!r}")
+  for k, v in value.items():
+    try:
+      re.compile(k)
+    except re.error as e:
+      raise _config_error(path, f"{field}[{k!r}]", f"invalid regex: {e}") from None
+  return {k: check(path, f"{field}[{k!r}]", v) for k, v in value.items()}
+
+
+def _read_config(path: str) -> dict[str, Any]:
+  """Read and check `adapter_config.json`: a plain LoRA (not DoRA) adapter with numeric `r`,
+  `lora_alpha` and patterns, a bool `use_rslora` and a `lora_dropout` in `[0, 1)`.
+
+  Args:
+    path: the full path of `adapter_config.json`.
+
+  Returns:
+    `{"r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout",
+    "init"}`, with PEFT's defaults for missing fields (`r = lora_alpha = 8`).
+
+  Raises:
+    ValueError: naming `path` and the field, for anything else (no coercion: `"4"`, `true` or
+      `4.0` are not ranks, `"16"` and `true` are not alphas).
+  """
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"lj.import_peft: {path}: not valid JSON ({e})") from None
+  if not isinstance(config, dict):
+    raise ValueError(f"lj.import_peft: {path}: expected a JSON object, got {type(config).__name__}")
+  if config.get("peft_type") != "LORA":
+    raise _config_error(path, "peft_type", f"only plain LoRA adapters (\"LORA\") are supported, "
+                        f"got {config.get('peft_type')!r}")
+  if config.get("use_dora") is not None and config.get("use_dora") is not False:
+    raise _config_error(path, "use_dora", f"DoRA adapters are not supported, got "
+                        f"{config.get('use_dora')!r}")
+  rslora = config.get("use_rslora", False)
+  if not isinstance(rslora, bool):
+    raise _config_error(path, "use_rslora", f"expected true or false, got {rslora!r}")
+  dropout = config.get("lora_dropout", 0.0)
+  dropout = 0.0 if dropout is None else dropout
+  if (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+      or not 0.0 <= dropout < 1.0):
+    raise _config_error(path, "lora_dropout", f"expected a number in [0, 1), got {dropout!r}")
+  init = config.get("init_lora_weights", True)
+  if not isinstance(init, (bool, str)):
+    raise _config_error(path, "init_lora_weights",
+                        f"expected true, false or a string, got {init!r}")
+  return {"r": _config_int(path, "r", config.get("r", 8)),
+          "lora_alpha": _config_real(path, "lora_alpha", config.get("lora_alpha", 8)),
+          "rank_pattern": _config_pattern(config, path, "rank_pattern", _config_int),
+          "alpha_pattern": _config_pattern(config, path, "alpha_pattern", _config_real),
+          "use_rslora": rslora, "lora_dropout": float(dropout),
+          "init": "gaussian" if init == "gaussian" else "kaiming_uniform"}
+
+
+def _weights_path(directory: str | os.PathLike) -> tuple[str, str]:
+  """`(config path, weights path)` of a PEFT directory, both checked to exist.
+
+  Raises:
+    FileNotFoundError: a file is missing (with the one-line conversion when only
+      `adapter_model.bin` is there; that pickle is never opened).
+  """
+  config, weights = (os.path.join(directory, n) for n in (CONFIG_NAME, WEIGHTS_NAME))
+  if not os.path.isfile(config):
+    raise FileNotFoundError(f"lj.import_peft: {config} does not exist (a PEFT adapter directory "
+                            f"has {CONFIG_NAME} and {WEIGHTS_NAME})")
+  if not os.path.isfile(weights):
+    pickle_path = os.path.join(directory, PICKLE_NAME)
+    if os.path.isfile(pickle_path):
+      raise _bin_refusal(directory, weights, pickle_path)
+    raise FileNotFoundError(f"lj.import_peft: {weights} does not exist (a PEFT adapter directory "
+                            f"has {CONFIG_NAME} and {WEIGHTS_NAME})")
+  return config, weights
+
+
+def _header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+  """`{name: (dtype, shape)}` from a safetensors file's header; no tensor is read.
+
+  The `safetensors` package validates the header on opening (its length and size limit, the JSON,
+  dtypes, offsets that cover the data exactly, no overlaps).
+
+  Raises:
+    ValueError: naming `path`, for a file the package refuses.
+  """
+  try:
+    with safetensors.safe_open(path, framework="np") as f:
+      return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"lj.import_peft: {path}: not a valid safetensors file ({e})") from None
+
+
+def _load(path: str, header: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+  """The tensors named in `header`, checked to still have its shapes (the file may have changed
+  since `_header` read it)."""
+  try:
+    with safetensors.safe_open(path, framework="np") as f:
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"lj.import_peft: {path}: not a valid safetensors file ({e})") from None
+  got = {k: tuple(x.shape) for k, x in tensors.items()}
+  if got != {k: shape for k, (_, shape) in header.items()}:
+    raise ValueError(f"lj.import_peft: {path}: the file changed while it was being read")
+  return tensors
+
+
+def _modules(header: Mapping[str, tuple[str, tuple[int, ...]]], path: str
+             ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+  """`{module: (lora_A shape (r, in), lora_B shape (out, r))}` from the header, checking names,
+  dtypes and shapes."""
+  parts: dict[str, dict[str, tuple[int, ...]]] = collections.defaultdict(dict)
+  for key, (dtype, shape) in header.items():
     found = _KEY.fullmatch(key)
     if found is None:
-      raise ValueError(f"lj.import_peft: tensor {key!r} is not a LoRA factor "
+      raise ValueError(f"lj.import_peft: {path}: tensor {key!r} is not a LoRA factor "
                        f"('{PREFIX}<module>.lora_A.weight' / '.lora_B.weight')")
-    parts[found[1]][found[2]] = x
+    if dtype not in FLOAT_DTYPES:
+      raise ValueError(f"lj.import_peft: {path}: tensor {key!r} has dtype {dtype}; LoRA factors "
+                       f"are floating point ({', '.join(FLOAT_DTYPES)})")
+    parts[found[1]][found[2]] = shape
   out = {}
   for module, ab in parts.items():
     if set(ab) != {"A", "B"}:
       raise ValueError(f"lj.import_peft: {PREFIX}{module}: has lora_{''.join(ab)} but not both")
     a, b = ab["A"], ab["B"]
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-      raise ValueError(f"lj.import_peft: {PREFIX}{module}: lora_A {a.shape} and lora_B {b.shape} "
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+      raise ValueError(f"lj.import_peft: {PREFIX}{module}: lora_A {a} and lora_B {b} "
                        "are not (r, in) and (out, r)")
     out[module] = (a, b)
   return out
+
+
+def _check_orientation(site: Site, a: tuple[int, ...], b: tuple[int, ...], module: str,
+                       traced: bool) -> None:
+  """Refuse a 2-D kernel whose orientation would be a guess.
+
+  Without `apply_fn`, a 2-D kernel is taken to be stored `(in, out)`. That is only known to be
+  right when the kernel is not square and its shape is PEFT's `(in, out)`; a square kernel
+  (e.g. HF Flax GPT-2's `attn.c_proj`, stored `(out, in)` and used as `x @ W.T`) fits either way,
+  and a kernel shaped `(out, in)` is evidently not stored as assumed. With `apply_fn` the layout is
+  read off the kernel's uses, unless the function never uses it.
+
+  Raises:
+    ValueError: naming the path, asking for `apply_fn=`/`args=`.
+  """
+  if len(site.shape) != 2 or site.layout.stack_axes:
+    return
+  unused = bool(site.use) and all(u.kind == "unused" for u in site.use)
+  if traced and not unused:
+    return
+  how = ("`apply_fn` never uses it, so its layout is the (in, out) default" if traced
+         else "without `apply_fn` a 2-D kernel is assumed stored (in, out)")
+  fix = ("pass `apply_fn=` (and `args=`) that use it, so its orientation is read off how it is "
+         "used (x @ W or x @ W.T)")
+  if site.shape[0] == site.shape[1]:
+    raise ValueError(f"lj.import_peft: {site.path}: square kernel {site.shape}: whether it is "
+                     f"stored (in, out) (used as x @ W) or (out, in) (x @ W.T, as torch and e.g. "
+                     f"HF Flax GPT-2's c_proj) cannot be read off its shape, and {how}; {fix}")
+  fan_in, fan_out = a[1], b[0]
+  if site.shape == (fan_out, fan_in) and site.shape != (fan_in, fan_out):
+    raise ValueError(f"lj.import_peft: {site.path}: kernel of shape {site.shape} matches PEFT "
+                     f"module {module!r} (in={fan_in}, out={fan_out}) only as (out, in), but "
+                     f"{how}; it is not transposed silently: {fix}")
 
 
 def import_peft(directory: str | os.PathLike, base: Any, *,
@@ -261,18 +468,42 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
 
   Every PEFT module `m` is mapped by `key_map.from_peft(m)` (default `peft_key_map.linen()`)
   to a kernel path and layer index of `base`; the plan is `lj.plan` over those kernels with
-  PEFT's rank (from `lora_A`'s shape), `lora_alpha`/`alpha_pattern`, `use_rslora` and
-  `lora_dropout`, so `scale` is PEFT's. Multi-axis kernels (`(D, H, hd)`) and stacks need
-  `apply_fn` and `args` (as for `lj.plan`) to know their layout; `A = lora_A.T` and
-  `B = lora_B.T` are then un-flattened to `(*stack, *in, r)` and `(*stack, r, *out)`.
+  PEFT's rank (from `lora_A`'s shape, checked against `r`/`rank_pattern`),
+  `lora_alpha`/`alpha_pattern`, `use_rslora` and `lora_dropout`, so `scale` is PEFT's.
+  `A = lora_A.T` and `B = lora_B.T` are un-flattened to `(*stack, *in, r)` and
+  `(*stack, r, *out)`.
 
-  Raises (and leaves `base` untouched) for a PEFT key no kernel of `base` takes, a kernel whose
-  shape does not fit its factors (naming both shapes), a stack with layers missing, and missing or
-  malformed files.
+  Pass `apply_fn` and `args` (as for `lj.plan`) so each kernel's layout is read off its uses.
+  They are needed for multi-axis kernels and stacks, and for any 2-D kernel whose orientation
+  the shape does not tell: without them a 2-D kernel is assumed stored `(in, out)`, which is
+  accepted only for a non-square kernel of PEFT's `(in, out)` shape. A square kernel (which may
+  be stored `(out, in)` and used as `x @ W.T`) or one shaped `(out, in)` is refused, never
+  guessed or transposed.
+
+  Args:
+    directory: holds `adapter_config.json` and `adapter_model.safetensors`.
+    base: the base variables (no LoRA leaves).
+    key_map: PEFT module names <-> kernel paths (a `KeyMap` or `{path: module}`).
+    apply_fn, args, kwargs: the function and example inputs, as for `lj.plan`.
+
+  Returns:
+    `(tree, plan)`: `base` with the factors attached, and the plan.
+
+  Raises:
+    FileNotFoundError: a file is missing; if only the PyTorch pickle `adapter_model.bin` is
+      there, the message gives the one-line conversion (the pickle is never loaded).
+    ValueError: naming `adapter_config.json` (full path) and the field for a bad config (not
+      LoRA, DoRA, a non-integer `r`, a non-numeric or bool `lora_alpha`, ...); naming the file for
+      a safetensors file the `safetensors` package refuses; naming the key for a PEFT key no
+      kernel of `base` takes, factors whose shape does not fit their kernel (both shapes), a
+      stack with layers missing; naming the path for a kernel whose orientation is a guess.
+    `base` is left untouched, and no tensor is read before the header and config check out.
   """
   key_map = _as_key_map(key_map if key_map is not None else linen())
-  config, tensors = _read(directory)
-  modules = _modules(tensors)
+  config_path, weights_path = _weights_path(directory)
+  config = _read_config(config_path)
+  header = _header(weights_path)
+  modules = _modules(header, weights_path)
   leaves = {p: unbox(x) for p, x in flatten(base).items()}
   by_path: dict[str, dict[Index, str]] = collections.defaultdict(dict)
   for module in modules:
@@ -282,6 +513,11 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
       raise ValueError(f"lj.import_peft: {PREFIX}{module}.lora_A.weight: the key map maps this "
                        f"PEFT module{where or ' to no lora_jax path'}")
     by_path[found[0]][found[1]] = module
+    want = _peft_lookup(config["rank_pattern"], config["r"], module)
+    if modules[module][0][0] != want:
+      raise _config_error(config_path, "r / rank_pattern",
+                          f"gives PEFT module {module!r} r={want}, but {PREFIX}{module}.lora_A."
+                          f"weight has rank {modules[module][0][0]} (shape {modules[module][0]})")
 
   def per_path(value: Callable[[str], Any], what: str) -> dict[str, Any]:
     out = {}
@@ -293,21 +529,19 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
       out[path] = got.pop()
     return out
 
-  ranks = per_path(lambda m: int(modules[m][0].shape[0]), "ranks")
-  alphas = per_path(lambda m: float(_peft_lookup(config.get("alpha_pattern") or {},
-                                                 config.get("lora_alpha", 8), m)), "alphas")
-  r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+  ranks = per_path(lambda m: int(modules[m][0][0]), "ranks")
+  alphas = per_path(lambda m: _peft_lookup(config["alpha_pattern"], config["lora_alpha"], m),
+                    "alphas")
+  r, alpha = config["r"], config["lora_alpha"]
   exact = {p: re.escape(p) for p in by_path}
   lora_config = LoraConfig(
       targets=tuple(exact.values()), rank=r, alpha=alpha,
       rank_pattern={exact[p]: v for p, v in ranks.items() if v != r},
       alpha_pattern={exact[p]: v for p, v in alphas.items() if v != alpha},
-      dropout=float(config.get("lora_dropout") or 0.0),
-      scaling="rslora" if config.get("use_rslora") else "standard",
-      init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming_uniform")
+      dropout=config["lora_dropout"], scaling="rslora" if config["use_rslora"] else "standard",
+      init=config["init"])
   plan = make_plan(lora_config, base, apply_fn, args, kwargs)
 
-  loaded = {}
   for site in plan.sites:
     layers = by_path[site.path]
     missing = [i for i in _layers(site) if i not in layers]
@@ -318,15 +552,24 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
       raise ValueError(f"lj.import_peft: {site.path} of shape {site.shape} "
                        f"({site.layout.describe(site.shape)}): PEFT module {name!r} is "
                        f"{'missing' if missing else 'outside the stack'}")
-    a_layers, b_layers = [], []
     for index in _layers(site):
       module = layers[index]
       a, b = modules[module]
+      _check_orientation(site, a, b, module, traced=apply_fn is not None)
       want_a, want_b = (site.rank, site.fan_in), (site.fan_out, site.rank)
-      if a.shape != want_a or b.shape != want_b:
-        raise ValueError(f"lj.import_peft: {PREFIX}{module}: lora_A {a.shape} / lora_B {b.shape} "
+      if a != want_a or b != want_b:
+        raise ValueError(f"lj.import_peft: {PREFIX}{module}: lora_A {a} / lora_B {b} "
                          f"do not fit {site.path} of shape {site.shape} "
                          f"({site.layout.describe(site.shape)}), which needs {want_a} / {want_b}")
+
+  tensors = _load(weights_path, header)
+  loaded = {}
+  for site in plan.sites:
+    layers = by_path[site.path]
+    a_layers, b_layers = [], []
+    for index in _layers(site):
+      a = tensors[f"{PREFIX}{layers[index]}.lora_A.weight"]
+      b = tensors[f"{PREFIX}{layers[index]}.lora_B.weight"]
       a_layers.append(a.T.reshape(site.a_shape[len(index):]))
       b_layers.append(b.T.reshape(site.b_shape[len(index):]))
     loaded[site.path + LORA_A] = np.stack(a_layers).reshape(site.a_shape)
