@@ -178,7 +178,7 @@ def add_delta(w: jax.Array, a: jax.Array, b: jax.Array, scale: Any, axes: Sequen
   """`W + ΔW` in W's dtype: summed in float32 (float64 for float64 operands), cast once.
 
   An integer kernel is rounded to nearest and saturated to its dtype's range (a cast would
-  truncate toward zero: `-5 + 0.6 -> -4`).
+  truncate toward zero: `-5 + 0.4 -> -4`, where nearest is `-5`).
   """
   dtype = jnp.promote_types(factor_dtype(w.dtype), factor_dtype(a.dtype))
   total = w.astype(dtype) + delta(a, b, scale, axes, dtype)
