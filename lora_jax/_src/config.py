@@ -17,7 +17,7 @@ import json
 import math
 import numbers
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 SCALINGS = ("standard", "rslora")
@@ -248,7 +248,7 @@ class LoraConfig:
     return d
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
+  def from_dict(cls, d: Mapping[str, Any]) -> LoraConfig:
     """A config from `to_dict`'s output (or any subset of the fields).
 
     Args:
@@ -276,7 +276,7 @@ class LoraConfig:
     return json.dumps(self.to_dict(), sort_keys=True)
 
   @classmethod
-  def from_json(cls, s: str) -> "LoraConfig":
+  def from_json(cls, s: str) -> LoraConfig:
     """A config from `to_json`'s output.
 
     Args:

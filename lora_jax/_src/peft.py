@@ -39,9 +39,10 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from .config import LoraConfig
 from .adapters import LORA_A, LORA_B, put_factors, site_arrays
-from .plan import Plan, Site, plan as make_plan
+from .config import LoraConfig
+from .plan import Plan, Site
+from .plan import plan as make_plan
 from .tree import flatten, unbox
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -295,7 +296,7 @@ def _config_pattern(config: Mapping[str, Any], path: str, field: str,
     return {}
   if not isinstance(value, dict):
     raise _config_error(path, field, f"expected a {{module pattern: value}} object, got {value!r}")
-  for k, v in value.items():
+  for k, _v in value.items():
     try:
       re.compile(k)
     except re.error as e:

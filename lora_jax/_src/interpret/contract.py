@@ -17,7 +17,7 @@ from ..layout import Role
 from .core import Apply, Infer, applies, bind, infers, materialize, materialize_all
 from .values import Tracked, View
 
-I, O, S = Role.IN, Role.OUT, Role.STACK
+IN, OUT, STACK = Role.IN, Role.OUT, Role.STACK
 
 
 def _with_b(t: Tracked, h, axis: int):
@@ -28,8 +28,8 @@ def _with_b(t: Tracked, h, axis: int):
 
 def _a_in_view(t: Tracked):
   """A arranged like the kernel's view, with the single out-axis replaced by the rank axis."""
-  n_i = t.count(I)
-  return jnp.transpose(t.a, [k if role is I else n_i for role, k in t.axes])
+  n_i = t.count(IN)
+  return jnp.transpose(t.a, [k if role is IN else n_i for role, k in t.axes])
 
 
 @infers(P.dot_general_p)
@@ -39,7 +39,7 @@ def _dot_general_infer(eqn, views, ctx: Infer):
   for view, c, b in ((views[0], lc, lb), (views[1], rc, rb)):
     if isinstance(view, View):
       free = [j for j in range(len(view.axes)) if j not in c and j not in b]
-      ctx.note("dot_general", view, {I: list(c), S: list(b), O: free})
+      ctx.note("dot_general", view, {IN: list(c), STACK: list(b), OUT: free})
   return [None]
 
 
@@ -52,15 +52,15 @@ def _dot_general(eqn, invals, ctx: Apply):
   x, t = (lhs, rhs) if kernel_is_rhs else (rhs, lhs)
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
-  if set(kc) == set(t.view_axes(I)):
-    first = I
-  elif set(kc) == set(t.view_axes(O)):
-    first = O
+  if set(kc) == set(t.view_axes(IN)):
+    first = IN
+  elif set(kc) == set(t.view_axes(OUT)):
+    first = OUT
   else:
     first = None
   if first is None:
     return materialize_all(eqn, [lhs, rhs], ctx, "dot_general contracting in and out axes together")
-  if any(t.axes[j][0] is not S for j in kb):
+  if any(t.axes[j][0] is not STACK for j in kb):
     return materialize_all(eqn, [lhs, rhs], ctx, "dot_general batching a non-stack axis")
   ctx.low_rank(t, "dot_general")
   base = bind(eqn, [x, t.w] if kernel_is_rhs else [t.w, x])[0]
@@ -69,7 +69,7 @@ def _dot_general(eqn, invals, ctx: Apply):
               preferred_element_type=eqn.params.get("preferred_element_type"))
   x = ctx.drop(x)
   y = None
-  if kernel_is_rhs and not xb and not t.count(S):
+  if kernel_is_rhs and not xb and not t.count(STACK):
     y = _low_rank_2d(x, t, xc, kc, first, opts)
   if y is None:
     y = _low_rank_einsum(x, t, xc, kc, xb, kb, kernel_is_rhs, first, opts)
@@ -88,14 +88,14 @@ def _low_rank_2d(x, t: Tracked, xc, kc, first: Role, opts):
       range(x.ndim - n, x.ndim)) else None
   if order is None or order != t.view_axes(first):
     return None
-  second = O if first is I else I
+  second = OUT if first is IN else IN
   free = [j for j in range(t.w.ndim) if j not in kc]
   if free != t.view_axes(second):
     return None
   rank = t.a.shape[-1]
   a = t.a.astype(t.w.dtype).reshape(-1, rank)  # (fan_in, r)
   b = t.b.astype(t.w.dtype).reshape(rank, -1)  # (r, fan_out)
-  f1, f2 = (a, b) if first is I else (b.T, a.T)
+  f1, f2 = (a, b) if first is IN else (b.T, a.T)
   rows = x.reshape(-1, f1.shape[0])
   h = jnp.matmul(rows, f1, **opts)
   y = jnp.matmul(h * jnp.asarray(t.scale, h.dtype), f2.astype(h.dtype), **opts)
@@ -111,20 +111,20 @@ def _low_rank_einsum(x, t: Tracked, xc, kc, xb, kb, kernel_is_rhs: bool, first: 
     k_l[j] = x_l[i]
   for i, j in zip(xb, kb):
     k_l[j] = x_l[i]
-  k_l = [l if l is not None else next(letters) for l in k_l]
+  k_l = [name if name is not None else next(letters) for name in k_l]
   r = next(letters)
   group = lambda role: [k_l[j] for j in t.view_axes(role)]
-  a_l = group(S) + group(I) + [r]
-  b_l = group(S) + [r] + group(O)
-  x_keep = [l for i, l in enumerate(x_l) if i not in xc]  # x's batch and free axes
-  s_free = [k_l[j] for j in t.view_axes(S) if j not in kb]
+  a_l = group(STACK) + group(IN) + [r]
+  b_l = group(STACK) + [r] + group(OUT)
+  x_keep = [name for i, name in enumerate(x_l) if i not in xc]  # x's batch and free axes
+  s_free = [k_l[j] for j in t.view_axes(STACK) if j not in kb]
   h_l = x_keep + s_free + [r]
   x_free = [x_l[i] for i in range(x.ndim) if i not in xc and i not in xb]
   k_free = [k_l[j] for j in range(t.w.ndim) if j not in kc and j not in kb]
   out_l = [x_l[i] for i in xb] + (x_free + k_free if kernel_is_rhs else k_free + x_free)
 
-  factors = {I: (t.a, a_l), O: (t.b, b_l)}
-  (f1, f1_l), (f2, f2_l) = factors[first], factors[O if first is I else I]
+  factors = {IN: (t.a, a_l), OUT: (t.b, b_l)}
+  (f1, f1_l), (f2, f2_l) = factors[first], factors[OUT if first is IN else IN]
   h = jnp.einsum(f"{''.join(x_l)},{''.join(f1_l)}->{''.join(h_l)}", x, f1.astype(t.w.dtype), **opts)
   h = h * jnp.asarray(t.scale, h.dtype)
   return jnp.einsum(f"{''.join(h_l)},{''.join(f2_l)}->{''.join(out_l)}", h, f2.astype(h.dtype), **opts)
@@ -135,7 +135,7 @@ def _conv_infer(eqn, views, ctx: Infer):
   """The kernel's output-feature axis is its out-axis; input features and window axes are in."""
   rhs_spec = eqn.params["dimension_numbers"].rhs_spec
   if isinstance(views[1], View):
-    ctx.note("conv_general_dilated", views[1], {O: [rhs_spec[0]], I: list(rhs_spec[1:])})
+    ctx.note("conv_general_dilated", views[1], {OUT: [rhs_spec[0]], IN: list(rhs_spec[1:])})
   return [None]
 
 
@@ -148,7 +148,7 @@ def _conv(eqn, invals, ctx: Apply):
     return materialize_all(eqn, invals, ctx, "conv_general_dilated over a kernel as input")
   if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
     return materialize_all(eqn, invals, ctx, "grouped conv_general_dilated")
-  if t.count(S) or t.view_axes(O) != [rhs_spec[0]]:
+  if t.count(STACK) or t.view_axes(OUT) != [rhs_spec[0]]:
     return materialize_all(eqn, invals, ctx, "conv_general_dilated with an unusual kernel layout")
   ctx.low_rank(t, "conv_general_dilated")
   base = bind(eqn, [x, t.w])[0]
@@ -162,8 +162,8 @@ def _gather_infer(eqn, views, ctx: Infer):
   v0 = views[0]
   if isinstance(v0, View):
     collapsed = eqn.params["dimension_numbers"].collapsed_slice_dims
-    ctx.note("gather", v0, {I: list(collapsed),
-                            O: [j for j in range(len(v0.axes)) if j not in collapsed]})
+    ctx.note("gather", v0, {IN: list(collapsed),
+                            OUT: [j for j in range(len(v0.axes)) if j not in collapsed]})
   return [None]
 
 
@@ -174,8 +174,8 @@ def _gather(eqn, invals, ctx: Apply):
     return materialize_all(eqn, invals, ctx, "gather with a kernel as indices")
   p = eqn.params
   dn = p["dimension_numbers"]
-  in_axes, out_axes = t.view_axes(I), t.view_axes(O)
-  if (t.count(S) or len(out_axes) != 1
+  in_axes, out_axes = t.view_axes(IN), t.view_axes(OUT)
+  if (t.count(STACK) or len(out_axes) != 1
       or sorted(dn.collapsed_slice_dims) != in_axes or not set(dn.start_index_map) <= set(in_axes)
       or dn.operand_batching_dims or p["slice_sizes"][out_axes[0]] != t.w.shape[out_axes[0]]):
     return materialize_all(eqn, invals, ctx, "gather that is not a row lookup")

@@ -91,7 +91,8 @@ def _scan(eqn, invals, ctx: Apply):
       outer.append(x)
       inner.append(None)
   xs_flat, _ = pack(outer)
-  keys = None if ctx.key is None else jax.random.split(ctx.next_key(), p["length"])
+  key = ctx.next_key()
+  keys = None if key is None else jax.random.split(key, p["length"])
   body_jaxpr = p["jaxpr"]
 
   def body(carry, step):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -38,18 +38,21 @@ class Rule:
 RULES: dict[Any, Rule] = {}
 
 
-def infers(*primitives: Any) -> Callable[[InferHalf], InferHalf]:
+Half = TypeVar("Half", bound=Callable[..., list])
+
+
+def infers(*primitives: Any) -> Callable[[Half], Half]:
   """Register `fn` as the infer half of the rule for `primitives`."""
-  def register(fn: InferHalf) -> InferHalf:
+  def register(fn: Half) -> Half:
     for p in primitives:
       RULES.setdefault(p, Rule()).infer = fn
     return fn
   return register
 
 
-def applies(*primitives: Any) -> Callable[[ApplyHalf], ApplyHalf]:
+def applies(*primitives: Any) -> Callable[[Half], Half]:
   """Register `fn` as the apply half of the rule for `primitives`."""
-  def register(fn: ApplyHalf) -> ApplyHalf:
+  def register(fn: Half) -> Half:
     for p in primitives:
       RULES.setdefault(p, Rule()).apply = fn
     return fn
@@ -164,16 +167,17 @@ class Apply:
     self._count += 1
     return jax.random.fold_in(self.key, self._count)
 
-  def child(self, key: jax.Array | None) -> "Apply":
+  def child(self, key: jax.Array | None) -> Apply:
     """A context for a sub-computation (scan body, remat region) with its own key stream."""
     return Apply(self.dropout, key, self._record)
 
-  def drop(self, x: jax.Array) -> jax.Array:
+  def drop(self, x: Any) -> Any:
     """Inverted dropout on the LoRA input path (identity when dropout is off)."""
-    if not self.dropout:
+    key = self.next_key()
+    if not self.dropout or key is None:
       return x
     keep = 1.0 - self.dropout
-    mask = jax.random.bernoulli(self.next_key(), keep, x.shape)
+    mask = jax.random.bernoulli(key, keep, x.shape)
     return jnp.where(mask, x / keep, jnp.zeros((), x.dtype))
 
 

@@ -94,7 +94,7 @@ def _runs(t: Tracked) -> list[tuple[Role, list[int]]] | None:
   """The view as runs of one group each, in view order; None unless every group is one
   contiguous run in its canonical order (the only case a row-major reshape keeps factored)."""
   runs: list[tuple[Role, list[int]]] = []
-  for j, (role, k) in enumerate(t.axes):
+  for j, (role, _k) in enumerate(t.axes):
     if runs and runs[-1][0] is role:
       runs[-1][1].append(j)
     else:

@@ -27,10 +27,10 @@ class View:
   fixed: tuple[tuple[int, Role], ...] = ()
 
   @classmethod
-  def of_kernel(cls, site: int, ndim: int) -> "View":
+  def of_kernel(cls, site: int, ndim: int) -> View:
     return cls(site, tuple(frozenset([j]) for j in range(ndim)))
 
-  def replace(self, **kw: Any) -> "View":
+  def replace(self, **kw: Any) -> View:
     return dataclasses.replace(self, **kw)
 
 
@@ -45,7 +45,7 @@ class Tracked:
   scale: Any  # a Python float, or a scalar array
 
   @classmethod
-  def from_kernel(cls, w, a, b, layout: Layout, site: int, scale: Any) -> "Tracked":
+  def from_kernel(cls, w, a, b, layout: Layout, site: int, scale: Any) -> Tracked:
     """Wrap a stored kernel whose `layout` names its stack / in / out axes."""
     return cls(w, a, b, layout.view(), site, scale)
 
@@ -56,7 +56,7 @@ class Tracked:
     """View axes of `role`, ordered by their position within the group."""
     return [j for _, j in sorted((k, j) for j, (r, k) in enumerate(self.axes) if r is role)]
 
-  def replace(self, **kw: Any) -> "Tracked":
+  def replace(self, **kw: Any) -> Tracked:
     return dataclasses.replace(self, **kw)
 
   def delta(self) -> jax.Array:
