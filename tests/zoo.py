@@ -30,6 +30,8 @@ class Entry:
   targets: str
   n_sites: int
   rows: int  # rows (tokens / output positions) through each kernel per stack slice
+  splits: int = 1  # pieces the out side is split into before use (each piece is one use)
+  reverse_mode: bool = True  # False: a while_loop with a traced bound, so check jvp, not grad
 
 
 class MLP(nn.Module):
@@ -150,6 +152,53 @@ class DataclassModel:
     return jnp.einsum("btd,dhk->bthk", h, self.heads) / self.temperature
 
 
+L, E = 3, 4  # layers of a stacked kernel, experts of an MoE stack
+
+
+def layers_loop_fn(p, x):
+  """A stack `(L, D, D)` indexed per layer in a Python loop: `slice` + `squeeze`."""
+  for l in range(L):
+    x = x + jnp.tanh(x @ p["w"][l])
+  return x
+
+
+def layers_fori_fn(p, x):
+  """The same stack indexed by the traced loop counter of a `fori_loop`: `dynamic_slice`."""
+  return jax.lax.fori_loop(0, L, lambda i, h: h + jnp.tanh(h @ p["w"][i]), x)
+
+
+def layers_while_fn(p, x):
+  """... and of a `while_loop` with a traced bound (the loop count comes from the data)."""
+  n = jnp.minimum(jnp.sum(jnp.ones_like(x[0, :1], jnp.int32)) * L, L)
+  def body(c):
+    i, h = c
+    return i + 1, h + jnp.tanh(h @ p["w"][i])
+  return jax.lax.while_loop(lambda c: c[0] < n, body, (0, x))[1]
+
+
+def moe_fn(p, x):
+  """Qwen3-MoE-style experts `(E, D, F)` / `(E, F, D)`, each picked out and used per expert."""
+  gates = jax.nn.softmax(x @ p["router"])
+  out = jnp.zeros_like(x)
+  for e in range(E):
+    h = jax.nn.silu(x @ p["gate"][e]) * (x @ p["up"][e])
+    out = out + gates[:, e:e + 1] * (h @ p["down"][e])
+  return out
+
+
+def fused_qkv_fn(p, x):
+  """A fused `(D, 3·D)` projection split into q, k, v before use (`split` on the out axis)."""
+  q, k, v = jnp.split(p["qkv"], 3, axis=1)
+  att = jax.nn.softmax((x @ q) @ (x @ k).T / 4.0)
+  return att @ (x @ v)
+
+
+def size1_axes_fn(p, x):
+  """Kernels stored with a size-1 axis and squeezed, or given one with `W[None]`."""
+  h = jnp.tanh(x @ jnp.squeeze(p["one"], 0))
+  return jnp.einsum("bd,lde->lbe", h, p["w"][None])[0]
+
+
 def _linen(name, module, x, targets, n_sites, rows):
   variables = module.init(jax.random.key(0), x)
   return Entry(name, variables, module.apply, x, targets, n_sites, rows)
@@ -186,6 +235,19 @@ def build() -> list[Entry]:
   dc = DataclassModel(jax.random.normal(e[6], (64, 32)), jax.random.normal(e[7], (32, 4, 8)) * 0.2, 2.0)
   entries.append(Entry("dataclass", dc, lambda m, t: m(t), jnp.array([[1, 5, 7], [2, 63, 0]]),
                        r"embed|heads", 2, 6))
+  r = jax.random.split(jax.random.key(11), 10)
+  xs = jax.random.normal(r[0], (4, 32))
+  stack = {"w": jax.random.normal(r[1], (L, 32, 32)) * 0.2}
+  for name, fn in (("layers_loop", layers_loop_fn), ("layers_fori", layers_fori_fn),
+                   ("layers_while", layers_while_fn)):
+    entries.append(Entry(name, stack, fn, xs, "w", 1, 4, reverse_mode=name != "layers_while"))
+  moe = {"router": jax.random.normal(r[2], (32, E)), "gate": jax.random.normal(r[3], (E, 32, 48)) * 0.2,
+         "up": jax.random.normal(r[4], (E, 32, 48)) * 0.2, "down": jax.random.normal(r[5], (E, 48, 32)) * 0.2}
+  entries.append(Entry("moe_experts", moe, moe_fn, xs, "gate|up|down", 3, 4))
+  entries.append(Entry("fused_qkv", {"qkv": jax.random.normal(r[6], (32, 96)) * 0.2}, fused_qkv_fn, xs,
+                       "qkv", 1, 4, splits=3))
+  size1 = {"one": jax.random.normal(r[7], (1, 32, 32)) * 0.2, "w": jax.random.normal(r[8], (32, 48)) * 0.2}
+  entries.append(Entry("size1_axes", size1, size1_axes_fn, xs, "one|w", 2, 4))
   return entries
 
 
