@@ -238,7 +238,8 @@ def test_crash_mid_save_leaves_previous_checkpoint_readable(tmp_path, monkeypatc
   # 3. the next save succeeds and clears the leftovers of the crashed ones
   lj.save_adapter(tmp_path, plan, new)
   _assert_bit_identical(lj.load_adapter(tmp_path, e.variables)[0], new)
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", (tmp_path / "LATEST").read_text()]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "LATEST",
+                                                        (tmp_path / "LATEST").read_text()]
 
 
 def test_save_refuses_foreign_directory_and_mismatched_tree(tmp_path):
