@@ -104,7 +104,15 @@ def checksums(leaves: list[Any]) -> list[int]:
   """`_checksums` as Python ints (0 <= c < 2**32), one per leaf (bool leaves as uint8)."""
   leaves = [jnp.asarray(x) for x in leaves]
   leaves = [x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x for x in leaves]
-  return [int(c) for c in _checksums(leaves)] if leaves else []
+  groups: dict[Any, list[int]] = {}  # one jit call per set of devices (they cannot be mixed)
+  for i, x in enumerate(leaves):
+    devices = frozenset(d.id for d in x.sharding.device_set) if isinstance(x, jax.Array) else None
+    groups.setdefault(devices, []).append(i)
+  out = [0] * len(leaves)
+  for idx in groups.values():
+    for i, c in zip(idx, _checksums([leaves[i] for i in idx])):
+      out[i] = int(c)
+  return out
 
 
 def record_digest(record: Mapping[str, Any]) -> str:
