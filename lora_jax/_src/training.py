@@ -108,8 +108,7 @@ class TrainingCheckpointer:
     save_every = _count(save_every, "save_every")
     keep = _count(keep, "keep", allow_none=True)
     self.directory = pathlib.Path(directory).absolute()
-    preservation = (ocp.checkpoint_managers.PreserveAll() if keep is None
-                    else ocp.checkpoint_managers.LatestN(n=keep))
+    preservation = ocp.checkpoint_managers.LatestN(n=keep)  # n=None keeps all
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, preservation_policy=preservation, create=True,
         enable_async_checkpointing=False))
