@@ -224,7 +224,7 @@ class _Record:
   def dtype(self, x: Any, field: str, floating: bool = False) -> np.dtype:
     try:
       dt = jnp.dtype(x) if isinstance(x, str) else None
-    except TypeError:
+    except (TypeError, ValueError, SyntaxError):  # numpy parses some strings as dtype specs
       dt = None
     self.need(dt is not None and dt.name == x, field, f"{x!r} is not a dtype name")
     if floating:
