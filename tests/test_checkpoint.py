@@ -1,9 +1,11 @@
 """Adapter checkpoints (save_adapter / load_adapter) and training checkpoints (TrainingCheckpointer)."""
 
 import json
+import math
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -238,7 +240,8 @@ def test_crash_mid_save_leaves_previous_checkpoint_readable(tmp_path, monkeypatc
   # 3. the next save succeeds and clears the leftovers of the crashed ones
   lj.save_adapter(tmp_path, plan, new)
   _assert_bit_identical(lj.load_adapter(tmp_path, e.variables)[0], new)
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", (tmp_path / "LATEST").read_text()]
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "LATEST",
+                                                        (tmp_path / "LATEST").read_text()]
 
 
 def test_save_refuses_foreign_directory_and_mismatched_tree(tmp_path):
@@ -393,3 +396,250 @@ def test_example_reloads_in_fresh_process_and_reports_sizes(tmp_path):
   assert raw == 4 * 4 * (64 + 64 + 64 + 64 + 64 + 10)  # rank 4: A (in, 4) + B (4, out) per kernel
   assert disk <= 1.02 * raw + 64 * 1024 and disk == sum(
       f.stat().st_size for f in (tmp_path / "adapter").rglob("*") if f.is_file())
+
+
+# --- integrity: every damaged checkpoint is a bit-identical load or a CheckpointError ----------
+
+
+def _all_files(d):
+  return sorted(f for f in d.rglob("*") if f.is_file())
+
+
+def _positions(files, n, seed):
+  """`n` (file, offset) pairs, deterministic: every file's first and last byte, the rest spread
+  uniformly over all bytes of all files."""
+  sizes = [f.stat().st_size for f in files]
+  picks = [(f, o) for f, s in zip(files, sizes) if s for o in {0, s - 1}]
+  total = sum(sizes)
+  rng = np.random.default_rng(seed)
+  for g in sorted(rng.choice(total, size=max(n - len(picks), 0), replace=False)):
+    for f, s in zip(files, sizes):
+      if g < s:
+        picks.append((f, int(g)))
+        break
+      g -= s
+  return picks[:n] if len(picks) > n else picks
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_single_byte_flips_load_identically_or_raise_checkpoint_error(tmp_path):
+  e, plan, tree = _trained("mlp")
+  clean = tmp_path / "clean"
+  lj.save_adapter(clean, plan, tree)
+  files = [f.relative_to(clean) for f in _all_files(clean)]
+  picks = _positions([clean / f for f in files], 200, seed=0)
+  assert len(picks) == 200 and len({f for f, _ in picks}) == sum(
+      1 for f in files if (clean / f).stat().st_size)  # every non-empty file is hit
+  rng = np.random.default_rng(1)
+  identical, refused = 0, []
+  for k, (f, offset) in enumerate(picks):
+    d = tmp_path / f"flip{k}"  # a fresh copy each time: no cache can hide the damage
+    shutil.copytree(clean, d)
+    target = d / f.relative_to(clean)
+    raw = bytearray(target.read_bytes())
+    raw[offset] ^= int(rng.integers(1, 256))
+    target.write_bytes(bytes(raw))
+    try:
+      loaded, plan2 = lj.load_adapter(d, e.variables)
+    except lj.CheckpointError as err:
+      assert str(d) in str(err), err
+      refused.append(target.name)
+    else:  # anything else that is raised fails the test
+      _assert_bit_identical(loaded, tree)
+      assert plan2 == plan
+      identical += 1
+    shutil.rmtree(d)
+  assert identical + len(refused) == 200
+  # the record, the pointer and the array data are all covered: flips there are refused
+  assert {"metadata", "LATEST"} <= set(refused), sorted(set(refused))
+  assert len(refused) >= 100, (identical, len(refused))
+
+
+def _record(d):
+  return d / (d / "LATEST").read_text() / "lora_jax" / "metadata"
+
+
+def _edit(d, change, resign=True):
+  """Edit the record of the checkpoint in `d` and (by default) recompute its SHA-256, as a
+  deliberate edit would: only the field checks stand in the way."""
+  meta = json.loads(_record(d).read_text())
+  change(meta)
+  if resign and "record_sha256" in meta:
+    meta["record_sha256"] = ckpt_lib.record_digest(meta)
+  _record(d).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("resign", [False, True])
+def test_edited_scale_is_refused_naming_the_field(tmp_path, resign):
+  e, plan, tree = _trained("mlp", alpha=4.0)
+  assert plan.sites[0].scale == 2.0
+  lj.save_adapter(tmp_path, plan, tree)
+
+  def change(meta):
+    meta["plan"]["sites"][0]["scale"] = 3.0
+
+  _edit(tmp_path, change, resign)
+  with pytest.raises(lj.CheckpointError, match=re.escape(str(tmp_path)) + r".*plan\.sites\[0\]\.scale: "
+                     r"3\.0 is not alpha/rank = 2\.0"):
+    lj.load_adapter(tmp_path, e.variables)
+  with pytest.raises(lj.CheckpointError, match=r"plan\.sites\[0\]\.scale"):
+    ckpt_lib.read_metadata(tmp_path)
+
+
+def test_unchanged_content_with_a_wrong_checksum_is_refused(tmp_path):
+  e, plan, tree = _trained("mlp")
+  lj.save_adapter(tmp_path, plan, tree)
+  _edit(tmp_path, lambda m: m.__setitem__("record_sha256", "0" * 64), resign=False)
+  with pytest.raises(lj.CheckpointError, match=r"record_sha256: does not match"):
+    lj.load_adapter(tmp_path, e.variables)
+  # a consistent record with a different alpha (and scale) passes the field checks: the
+  # SHA-256 is what refuses it
+  def change(m):
+    m["plan"]["sites"][1]["alpha"] = 32.0
+    m["plan"]["sites"][1]["scale"] = 16.0
+  lj.save_adapter(tmp_path, plan, tree)
+  _edit(tmp_path, change, resign=False)
+  with pytest.raises(lj.CheckpointError, match=r"record_sha256: does not match"):
+    lj.load_adapter(tmp_path, e.variables)
+
+
+def test_huge_rank_is_refused_before_any_array_is_allocated(tmp_path, monkeypatch):
+  e, plan, tree = _trained("mlp")
+  lj.save_adapter(tmp_path, plan, tree)
+
+  def change(meta):  # a self-consistent record of a rank-10**7 adapter (~0.5 GB of factors)
+    site, (a, b) = meta["plan"]["sites"][0], meta["leaves"][:2]
+    site["rank"], site["scale"] = 10**7, site["alpha"] / 10**7
+    a["shape"][-1], b["shape"][0] = 10**7, 10**7
+    a["nbytes"], b["nbytes"] = 4 * math.prod(a["shape"]), 4 * math.prod(b["shape"])
+    meta["raw_bytes"] = sum(l["nbytes"] for l in meta["leaves"])
+
+  _edit(tmp_path, change)
+  restores = []
+  monkeypatch.setattr(ckpt_lib.ocp.Checkpointer, "restore", lambda *a, **k: restores.append(a))
+  with pytest.raises(lj.CheckpointError, match=r"plan\.sites\[0\]\.rank: 10000000 is not an integer "
+                     r"in \[1, min\(fan_in=24, fan_out=48\)\]"):
+    lj.load_adapter(tmp_path, e.variables)
+  assert restores == []  # refused from the record alone: orbax never asked to allocate anything
+
+
+@pytest.mark.parametrize("field", ["base_fingerprint", "record_sha256", "plan", "leaves",
+                                   "plan.sites.0.alpha", "leaves.2.checksum", "plan.config"])
+def test_missing_record_keys_are_named(tmp_path, field):
+  e, plan, tree = _trained("mlp")
+  lj.save_adapter(tmp_path, plan, tree)
+  *parents, last = [int(k) if k.isdigit() else k for k in field.split(".")]
+
+  def change(meta):
+    node = meta
+    for k in parents:
+      node = node[k]
+    del node[last]
+
+  _edit(tmp_path, change)
+  name = re.escape(".".join(f"[{k}]" if isinstance(k, int) else k for k in (*parents, last))
+                   ).replace(r"\.\[", r"\[")
+  with pytest.raises(lj.CheckpointError, match=re.escape(str(tmp_path)) + f".*{name}: missing"):
+    lj.load_adapter(tmp_path, e.variables)
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfeadapter-1", b"adapter-1\x00", b"", b"adapter-01",
+                                     b"adapter-1" * 20])
+def test_garbled_pointer_is_a_checkpoint_error(tmp_path, content):
+  e, plan, tree = _trained("mlp")
+  lj.save_adapter(tmp_path, plan, tree)
+  (tmp_path / "LATEST").write_bytes(content)
+  with pytest.raises(lj.CheckpointError, match=re.escape(str(tmp_path)) + ".*LATEST"):
+    lj.load_adapter(tmp_path, e.variables)
+
+
+def test_legacy_record_without_checksum_still_loads(tmp_path):
+  e, plan, tree = _trained("mlp")
+  lj.save_adapter(tmp_path, plan, tree)
+
+  def legacy(meta):
+    del meta["version"], meta["record_sha256"]
+    meta["format"] = "lora_jax.adapter/1"
+
+  _edit(tmp_path, legacy, resign=False)
+  loaded, plan2 = lj.load_adapter(tmp_path, e.variables)
+  _assert_bit_identical(loaded, tree)
+  assert plan2 == plan
+
+
+def test_strict_argument_types(tmp_path):
+  e, plan, tree = _trained("mlp")
+  for bad in (1.5, True, "2", None):
+    with pytest.raises(TypeError, match="save_every"):
+      lj.TrainingCheckpointer(tmp_path / "t", save_every=bad)
+  with pytest.raises(ValueError, match="save_every must be >= 1, got 0"):
+    lj.TrainingCheckpointer(tmp_path / "t", save_every=0)
+  for bad in (1.5, True, "2"):
+    with pytest.raises(TypeError, match="keep"):
+      lj.TrainingCheckpointer(tmp_path / "t", keep=bad)
+  with pytest.raises(ValueError, match="keep must be >= 1"):
+    lj.TrainingCheckpointer(tmp_path / "t", keep=0)
+  assert not (tmp_path / "t").exists()  # refused before anything was created
+  adapters, _ = lj.split(tree)
+  state = {"n": jnp.zeros((), jnp.int32)}
+  with lj.TrainingCheckpointer(tmp_path / "t", save_every=2) as ckpt:
+    for bad in (-5, 1.0, True, "3", None):
+      with pytest.raises(ValueError, match=r"step must be an int >= 0"):
+        ckpt.save(bad, adapters, state)
+    assert ckpt.save(np.int64(0), adapters, state) and not ckpt.save(1, adapters, state)
+    assert ckpt.all_steps() == [0]
+  lj.save_adapter(tmp_path / "a", plan, tree)
+  for bad in ("x", 3, [jax.sharding.SingleDeviceSharding(jax.devices()[0])]):
+    with pytest.raises(TypeError, match="shardings must be None, a jax.sharding.Sharding"):
+      lj.load_adapter(tmp_path / "a", e.variables, shardings=bad)
+
+
+def test_save_every_counts_steps_exactly(tmp_path):
+  adapters, _ = lj.split(_trained("mlp")[2])
+  with lj.TrainingCheckpointer(tmp_path, save_every=2, keep=None) as ckpt:
+    saved = [i for i in range(1, 9) if ckpt.save(i, adapters, {"n": jnp.zeros((), jnp.int32)})]
+  assert saved == [1, 2, 4, 6, 8]  # the first save, then every multiple of 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_training_checkpoint_damage_restores_identically_or_names_the_step(tmp_path):
+  adapters0, base, tx, step = _train_setup()
+  a, s = step(adapters0, tx.init(adapters0))
+  clean = tmp_path / "clean"
+  with lj.TrainingCheckpointer(clean) as ckpt:
+    ckpt.save(7, a, s)
+  files = [f for f in _all_files(clean)]
+  picks = _positions(files, 80, seed=2)
+  rng = np.random.default_rng(3)
+  identical, refused = 0, 0
+  for k, (f, offset) in enumerate(picks):
+    d = tmp_path / f"flip{k}"
+    shutil.copytree(clean, d)
+    target = d / f.relative_to(clean)
+    raw = bytearray(target.read_bytes())
+    raw[offset] ^= int(rng.integers(1, 256))
+    target.write_bytes(bytes(raw))
+    try:
+      with lj.TrainingCheckpointer(d) as ckpt:
+        got_step, got_a, got_s = ckpt.restore(7, adapters0, tx.init(adapters0))
+    except lj.CheckpointError as err:
+      assert str(d) in str(err) and ("step 7" in str(err) or "7" in str(err)), err
+      refused += 1
+    else:
+      assert got_step == 7
+      _assert_bit_identical(got_a, a)
+      for x, y in zip(jax.tree_util.tree_leaves(got_s), jax.tree_util.tree_leaves(s)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(x, y)
+      identical += 1
+    shutil.rmtree(d)
+  assert identical + refused == len(picks) == 80
+  assert refused >= 20, (identical, refused)
+  # an edited record (even re-signed) and a template of another dtype are refused, naming the step
+  version = clean / "7" / "lora_jax" / "metadata"
+  meta = json.loads(version.read_text())
+  meta["adapters"][0]["checksum"] ^= 1
+  meta["record_sha256"] = ckpt_lib.record_digest(meta)
+  version.write_text(json.dumps(meta))
+  with pytest.raises(lj.CheckpointError, match=r"step 7: adapters\['params'\]\['Dense_0'\]\['kernel_lora_a'\]"
+                     r": restored checksum"):
+    lj.TrainingCheckpointer(clean).restore(7, adapters0, tx.init(adapters0))
