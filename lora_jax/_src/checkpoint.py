@@ -44,7 +44,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import numbers
 import os
 import pathlib
 import re
@@ -227,6 +226,7 @@ class _Record:
     except (TypeError, ValueError, SyntaxError):  # numpy parses some strings as dtype specs
       dt = None
     self.need(dt is not None and dt.name == x, field, f"{x!r} is not a dtype name")
+    assert dt is not None  # `need` raised otherwise
     if floating:
       self.need(jnp.issubdtype(dt, jnp.floating), field, f"{x!r} is not a floating dtype")
     return dt
@@ -506,7 +506,7 @@ def save_adapter(directory: str | os.PathLike, plan: Plan, tree: PyTree) -> None
     if primary:
       try:
         number = _next_number(directory)
-      except BaseException as e:  # noqa: BLE001 -- tell the other processes, then re-raise
+      except BaseException as e:
         number, error = -1, e
     number = _agree(number, "version")
     if error is not None:
@@ -528,7 +528,7 @@ def save_adapter(directory: str | os.PathLike, plan: Plan, tree: PyTree) -> None
         for p in _versions(directory):  # the older versions: we published the newest
           if p.name != version:
             _remove(p)
-    except BaseException as e:  # noqa: BLE001 -- tell the other processes, then re-raise
+    except BaseException as e:
       failed, error = 1, e
     if _agree(failed, "saved") and error is None:
       raise CheckpointError(f"save_adapter: {directory}: process 0 failed to save {version}; "

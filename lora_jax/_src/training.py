@@ -105,10 +105,10 @@ class TrainingCheckpointer:
       TypeError: `save_every` or `keep` is not an int (bools, floats, strings are refused).
       ValueError: `save_every` < 1 or `keep` < 1.
     """
-    save_every = _count(save_every, "save_every")
-    keep = _count(keep, "keep", allow_none=True)
+    save_every = int(_count(save_every, "save_every") or 1)  # never None: allow_none is off
+    kept = _count(keep, "keep", allow_none=True)
     self.directory = pathlib.Path(directory).absolute()
-    preservation = ocp.checkpoint_managers.LatestN(n=keep)  # n=None keeps all
+    preservation = ocp.checkpoint_managers.LatestN(n=kept)  # n=None keeps all
     self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
         save_interval_steps=save_every, preservation_policy=preservation, create=True,
         enable_async_checkpointing=False))
@@ -235,7 +235,7 @@ class TrainingCheckpointer:
     self._manager.wait_until_finished()
     self._manager.close()
 
-  def __enter__(self) -> "TrainingCheckpointer":
+  def __enter__(self) -> TrainingCheckpointer:
     return self
 
   def __exit__(self, *exc) -> None:
