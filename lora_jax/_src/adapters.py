@@ -88,7 +88,14 @@ def _is_lora_weight(x: Any) -> bool:
 
 def strip(tree: PyTree) -> PyTree:
   """The base variables: `tree` with every LoRA leaf removed (`LoraWeight` nodes become their
-  `w`). Base arrays are the same objects (bit-exact; never an 'unmerge' by subtraction)."""
+  `w`). Base arrays are the same objects (bit-exact; never an 'unmerge' by subtraction).
+
+  Args:
+    tree: a LoRA tree (or any pytree; one without LoRA leaves comes back rebuilt as it is).
+
+  Returns:
+    The variables without adapters, in `tree`'s container types.
+  """
   return map_leaves(lambda p, x: fresh(x.w) if isinstance(x, LoraWeight) else x, tree,
                     keep=lambda p, k, v: not is_lora_name(k), is_leaf=_is_lora_weight)
 
@@ -116,6 +123,9 @@ def split(tree: PyTree) -> tuple[PyTree, PyTree]:
   In Mappings the adapters keep only entries that lead to LoRA leaves; other containers keep
   their shape with None in place of base leaves (as `eqx.partition` does). Differentiate a loss
   with respect to `adapters` alone and no base gradient is ever built.
+
+  Args:
+    tree: a LoRA tree.
 
   Returns:
     `(adapters, base)`, with `lj.combine(base, adapters)` the original tree.
@@ -162,6 +172,13 @@ def _insert(base: PyTree, factors: Mapping[str, tuple[Any, Any]], who: str) -> P
 def combine(base: PyTree, adapters: PyTree) -> PyTree:
   """Inverse of `split`: put the LoRA leaves of `adapters` back next to their kernels in `base`.
 
+  Args:
+    base: variables without LoRA leaves (`lj.split(tree)[1]`, `lj.strip(tree)`).
+    adapters: only LoRA leaves, by name (`lj.split(tree)[0]`, possibly updated).
+
+  Returns:
+    The LoRA tree: sibling leaves in Mappings, `LoraWeight` nodes elsewhere.
+
   Raises:
     ValueError: `base` still has LoRA leaves (it would keep stale adapters), `adapters` holds a
       non-LoRA leaf, or a LoRA leaf has no kernel in `base`.
@@ -186,8 +203,15 @@ def combine(base: PyTree, adapters: PyTree) -> PyTree:
 
 
 def trainable_mask(tree: PyTree) -> PyTree:
-  """Bool pytree shaped like `tree`: True exactly on LoRA leaves (for `optax.masked`,
-  `eqx.partition` & co.)."""
+  """Bool pytree shaped like `tree`: True exactly on LoRA leaves.
+
+  Args:
+    tree: a LoRA tree.
+
+  Returns:
+    `tree` with each leaf replaced by a bool (boxes kept), for `optax.masked`, `optax.multi_transform`
+    or as the filter spec of `eqx.partition` / `eqx.filter_grad`.
+  """
   return map_leaves(lambda p, x: x if x is None else with_value(x, is_lora_name(p)), tree)
 
 

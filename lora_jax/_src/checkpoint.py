@@ -484,6 +484,9 @@ def save_adapter(directory: str | os.PathLike, plan: Plan, tree: PyTree) -> None
     plan: the plan `tree` was attached with.
     tree: the LoRA tree.
 
+  Returns:
+    None; `directory/LATEST` names the new version once it is complete.
+
   Raises:
     ValueError: `tree` does not match `plan`, or `directory` holds anything but lora_jax adapter
       checkpoints (it never deletes foreign files).
@@ -678,6 +681,15 @@ def load_adapter(directory: str | os.PathLike, base: PyTree, *,
   The record is validated (against itself and its SHA-256) before any array is allocated, and
   each restored factor against its checksum. A load racing a concurrent `save_adapter` loads the
   version that save published. Under `jax.distributed` every process calls it.
+
+  Args:
+    directory: a directory written by `lj.save_adapter`.
+    base: the base variables (any pytree, no LoRA leaves).
+    shardings: optional placement of the factors (see above).
+
+  Returns:
+    `(tree, plan)`: the LoRA tree (factors `A: (*stack, *in, r)`, `B: (*stack, r, *out)` beside
+    their kernels) and the plan stored with the adapter.
 
   Raises:
     TypeError: `shardings` is not None, a `Sharding` or a mapping.

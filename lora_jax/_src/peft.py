@@ -99,20 +99,41 @@ def _flax(prefix: str, leaf: str, scanned: Sequence[str]) -> KeyMap:
 def linen(prefix: str = "params", leaf: str = "kernel", scanned: Sequence[str] = ()) -> KeyMap:
   """Flax linen variables: `params/block_0/attn/query/kernel` <-> `block_0.attn.query`.
 
-  `scanned`: '/'-joined module paths (below `prefix`) of `nn.scan`-stacked modules; layer `l` of
-  `params/layers/fc1/kernel` with `scanned=("layers",)` is `layers.l.fc1` (a `ModuleList`).
+  Args:
+    prefix: the collection the kernels live in (`"params"`).
+    leaf: the kernel's leaf name (`"kernel"`).
+    scanned: '/'-joined module paths (below `prefix`) of `nn.scan`-stacked modules; layer `l` of
+      `params/layers/fc1/kernel` with `scanned=("layers",)` is `layers.l.fc1` (a `ModuleList`).
+
+  Returns:
+    The `KeyMap`.
   """
   return _flax(prefix, leaf, scanned)
 
 
 def nnx(leaf: str = "kernel", scanned: Sequence[str] = ()) -> KeyMap:
-  """Flax NNX state: `blocks/0/linear/kernel` <-> `blocks.0.linear` (see `linen` for `scanned`)."""
+  """Flax NNX state: `blocks/0/linear/kernel` <-> `blocks.0.linear`.
+
+  Args:
+    leaf: the kernel's leaf name (`"kernel"`).
+    scanned: module paths of stacked modules, as for `linen`.
+
+  Returns:
+    The `KeyMap`.
+  """
   return _flax("", leaf, scanned)
 
 
 def from_dict(mapping: Mapping[str, str]) -> KeyMap:
-  """Explicit `{path: module}`; a stacked kernel's module holds `{}` where the layer index goes
-  (`{"params/layers/fc1/kernel": "model.layers.{}.mlp.fc1"}`)."""
+  """Explicit names.
+
+  Args:
+    mapping: `{path: module}`; a stacked kernel's module holds `{}` where the layer index goes
+      (`{"params/layers/fc1/kernel": "model.layers.{}.mlp.fc1"}`).
+
+  Returns:
+    The `KeyMap`.
+  """
   patterns = {p: re.compile(re.escape(m).replace(r"\{\}", r"(\d+)")) for p, m in mapping.items()}
 
   def to_peft(path: str, index: Index) -> str | None:
@@ -215,8 +236,20 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
   `key_map.to_peft(path, l)` with `lora_A.weight = A[l].reshape(fan_in, r).T: (r, fan_in)` and
   `lora_B.weight = B[l].reshape(r, fan_out).T: (fan_out, r)`. Per-site rank and alpha go into
   `rank_pattern`/`alpha_pattern` so every PEFT module gets this site's `scale`.
-  `key_map` defaults to `peft_key_map.linen()`. Raises `ValueError` naming the path for a site
-  the key map cannot name (or two sites with one name), before writing anything.
+  Args:
+    directory: created if missing; the two files are replaced atomically.
+    plan: the plan of `tree`.
+    tree: the LoRA tree.
+    key_map: names the PEFT module of each site; default `peft_key_map.linen()`.
+    base_model_name_or_path: written into `adapter_config.json`.
+
+  Returns:
+    None.
+
+  Raises:
+    ValueError: naming the path, for a site the key map cannot name (or two sites with one
+      name), before writing anything.
+    NotImplementedError: a site used other than as a dense layer (conv, embedding lookup).
   """
   key_map = _as_key_map(key_map if key_map is not None else linen())
   arrays = site_arrays(plan, tree)
