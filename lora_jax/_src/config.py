@@ -20,6 +20,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .layout import Layout
+
 SCALINGS = ("standard", "rslora")
 INITS = ("kaiming_uniform", "gaussian")
 
@@ -122,6 +124,22 @@ def _as_patterns(value: Any, field: str) -> tuple[str, ...]:
   return tuple(_regex(p, f"{field}[{i}]") for i, p in enumerate(value))
 
 
+def _layout_text(value: Any, field: str) -> str:
+  """A layout override in its canonical text (`Layout.to_text`).
+
+  Raises:
+    TypeError: not a str.
+    ValueError: not of the form `stack=(..) in=(..) out=(..)`, naming the field.
+  """
+  if not isinstance(value, str):
+    raise TypeError(f"LoraConfig.{field}: expected a layout like 'stack=(0) in=(2) out=(1,3)', "
+                    f"got {value!r} of type {_type_name(value)}")
+  try:
+    return Layout.parse(value).to_text()
+  except ValueError as e:
+    raise ValueError(f"LoraConfig.{field}: {e}") from None
+
+
 def _as_pattern_pairs(value: Any, field: str, check: Callable[[Any, str], Any]
                       ) -> tuple[tuple[str, Any], ...]:
   """`{regex: value}` (or a sequence of `(regex, value)` pairs) as a tuple of checked pairs.
@@ -185,6 +203,11 @@ class LoraConfig:
       `A ~ N(0, (1/r)^2)`. `B = 0` always, so the model is unchanged at step 0.
     rank_pattern, alpha_pattern: `{regex: value}` per-path overrides; the first match wins. Values
       obey the same rules as `rank` and `alpha`.
+    layout_pattern: `{regex: "stack=(0) in=(2) out=(1,3)"}` per-path layouts (axis numbers of
+      the stored kernel; `stack=` may be left out), the first match wins. The escape hatch where
+      the function's use cannot decide, and how a fused kernel gets one adapter per projection:
+      gemma's `kv_einsum (2, K, D, H)` with `stack=(0) in=(2) out=(1,3)` has separate `k` and `v`
+      adapters, as PEFT's `k_proj` / `v_proj`.
 
   Raises:
     TypeError: a field of the wrong type (a float or bool rank, a str or bool alpha, a
@@ -202,6 +225,7 @@ class LoraConfig:
   init: str = "kaiming_uniform"
   rank_pattern: Any = ()
   alpha_pattern: Any = ()
+  layout_pattern: Any = ()
 
   def __post_init__(self):
     targets = _as_patterns(self.targets, "targets")
@@ -214,6 +238,7 @@ class LoraConfig:
     set_("alpha", _positive_real(self.alpha, "alpha"))
     set_("rank_pattern", _as_pattern_pairs(self.rank_pattern, "rank_pattern", _positive_int))
     set_("alpha_pattern", _as_pattern_pairs(self.alpha_pattern, "alpha_pattern", _positive_real))
+    set_("layout_pattern", _as_pattern_pairs(self.layout_pattern, "layout_pattern", _layout_text))
     dropout = _real(self.dropout, "dropout", "a number in [0, 1)")
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
@@ -234,6 +259,11 @@ class LoraConfig:
     """Alpha for `path`: the first fullmatching `alpha_pattern` entry, else `alpha`."""
     return next((v for p, v in self.alpha_pattern if re.fullmatch(p, path)), self.alpha)
 
+  def layout_for(self, path: str) -> Layout | None:
+    """The `layout_pattern` layout for `path` (first fullmatch), or None to infer it."""
+    text = next((v for p, v in self.layout_pattern if re.fullmatch(p, path)), None)
+    return None if text is None else Layout.parse(text)
+
   def scale_for(self, path: str) -> float:
     """`alpha/r` (standard) or `alpha/sqrt(r)` (rsLoRA) for `path`."""
     r, a = self.rank_for(path), self.alpha_for(path)
@@ -244,6 +274,7 @@ class LoraConfig:
     d = dataclasses.asdict(self)
     d["rank_pattern"] = dict(self.rank_pattern)
     d["alpha_pattern"] = dict(self.alpha_pattern)
+    d["layout_pattern"] = dict(self.layout_pattern)
     d["targets"], d["exclude"] = list(self.targets), list(self.exclude)
     return d
 

@@ -497,7 +497,8 @@ def _check_orientation(site: Site, a: tuple[int, ...], b: tuple[int, ...], modul
 def import_peft(directory: str | os.PathLike, base: Any, *,
                 key_map: KeyMap | Mapping[str, str] | None = None,
                 apply_fn: Callable | None = None, args: Sequence[Any] = (),
-                kwargs: dict[str, Any] | None = None) -> tuple[Any, Plan]:
+                kwargs: dict[str, Any] | None = None,
+                layout_pattern: Mapping[str, str] | None = None) -> tuple[Any, Plan]:
   """Read a PEFT LoRA adapter and attach it to `base`: returns `(tree, plan)`.
 
   Every PEFT module `m` is mapped by `key_map.from_peft(m)` (default `peft_key_map.linen()`)
@@ -519,6 +520,10 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
     base: the base variables (no LoRA leaves).
     key_map: PEFT module names <-> kernel paths (a `KeyMap` or `{path: module}`).
     apply_fn, args, kwargs: the function and example inputs, as for `lj.plan`.
+    layout_pattern: `{regex: "stack=(..) in=(..) out=(..)"}` layouts by path, as
+      `LoraConfig.layout_pattern`: they take the place of `apply_fn` for the kernels they match
+      (a fused `kv_einsum (2, K, D, H)` as `stack=(0) in=(2) out=(1,3)` takes PEFT's `k_proj` and
+      `v_proj` as its two stack entries), and state a 2-D kernel's orientation outright.
 
   Returns:
     `(tree, plan)`: `base` with the factors attached, and the plan.
@@ -573,7 +578,7 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
       rank_pattern={exact[p]: v for p, v in ranks.items() if v != r},
       alpha_pattern={exact[p]: v for p, v in alphas.items() if v != alpha},
       dropout=config["lora_dropout"], scaling="rslora" if config["use_rslora"] else "standard",
-      init=config["init"])
+      init=config["init"], layout_pattern=dict(layout_pattern or {}))
   plan = make_plan(lora_config, base, apply_fn, args, kwargs)
 
   for site in plan.sites:
@@ -589,7 +594,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
     for index in _layers(site):
       module = layers[index]
       a, b = modules[module]
-      _check_orientation(site, a, b, module, traced=apply_fn is not None)
+      if lora_config.layout_for(site.path) is None:  # an override states the orientation
+        _check_orientation(site, a, b, module, traced=apply_fn is not None)
       want_a, want_b = (site.rank, site.fan_in), (site.fan_out, site.rank)
       if a != want_a or b != want_b:
         raise ValueError(f"lj.import_peft: {PREFIX}{module}: lora_A {a} / lora_B {b} "

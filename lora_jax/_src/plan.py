@@ -202,7 +202,8 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
   out=(H,hd)`, scanned stacks `(L, D, F)` get `stack=(L)`, a `(out, in)` weight used as `x @ W.T`
   gets `in=(in) out=(out)` — and its *apply* rules then run under `jax.eval_shape` to record,
   per site, whether `lj.unmerged` keeps `ΔW` factored or materialises it (and why). Without
-  `apply_fn`, 2-D kernels are `(in, out)` and conv kernels `(*window, in, out)`.
+  `apply_fn`, 2-D kernels are `(in, out)` and conv kernels `(*window, in, out)`. A
+  `config.layout_pattern` entry overrides both for the paths it matches.
 
   Args:
     config: the rules (`lj.LoraConfig`).
@@ -238,10 +239,16 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
                        f"array of shape {tuple(arrays[path].shape)}, not a kernel (LoRA adapts "
                        "weights with at least an in and an out axis); narrow the regex or add it "
                        "to `exclude`")
-  sites = []
+  sites, inferred = [], {}
   for i, path in enumerate(selected):
     shape = tuple(arrays[path].shape)
-    if traced is None:
+    override = config.layout_for(path)
+    if override is not None:
+      override.check(shape, f"{path}: LoraConfig.layout_pattern")
+      if traced is not None and found[i]:
+        inferred[path] = _inferred_layout(path, shape, found[i])
+      layout = override
+    elif traced is None:
       layout = _default_layout(path, shape)
     else:
       layout = _inferred_layout(path, shape, found[i])
@@ -256,6 +263,14 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
   result = Plan(tuple(sites), config, base_params)
   if traced is not None:
     result = _record_uses(result, traced)
+    for s in result.sites:
+      bad = [u for u in s.use if u.kind == "materialised"]
+      if s.path in inferred and inferred[s.path] != s.layout and bad:
+        raise ValueError(
+            f"{s.path}: LoraConfig.layout_pattern gives layout {s.layout.to_text()} "
+            f"({s.layout.describe(s.shape)}), but the function uses this kernel as "
+            f"{inferred[s.path].to_text()} ({inferred[s.path].describe(s.shape)}); under the "
+            f"override, {bad[0]} would form W + ΔW. Fix the pattern or drop it")
   return result
 
 
