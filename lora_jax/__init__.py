@@ -5,12 +5,12 @@ from ._src.adapters import LoraWeight, attach, combine, split, strip, trainable_
 from ._src.apply import merged, unmerged
 from ._src.checkpoint import CheckpointError, load_adapter, save_adapter
 from ._src.config import LoraConfig
-from ._src.interpret import Use
 from ._src.layout import Layout, Role
 from ._src.merge import delta, merge
 from ._src.optim import apply_updates, freeze_base
 from ._src.peft import export_peft, import_peft, peft_key_map
-from ._src.plan import Plan, Site, plan
+from ._src.plan import plan
+from ._src.sites import Plan, Site, Use
 from ._src.training import TrainingCheckpointer
 from ._src.version import __version__
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from jax.core import Tracer
 
 from .init import INITIALIZERS
 from .layout import Layout, factor_dtype
+from .sites import Plan
 from .tree import (
   PyTree,
   SuffixKey,
@@ -33,9 +34,6 @@ from .tree import (
   unbox,
   with_value,
 )
-
-if TYPE_CHECKING:
-  from .plan import Plan
 
 LORA_A, LORA_B = "_lora_a", "_lora_b"
 

@@ -12,7 +12,7 @@ import jax
 from .adapters import site_arrays, strip
 from .interpret import Apply, trace
 from .merge import merge
-from .plan import Plan
+from .sites import Plan
 
 
 def merged(fn: Callable, plan: Plan) -> Callable:

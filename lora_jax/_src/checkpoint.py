@@ -63,7 +63,7 @@ from jax.sharding import Sharding, SingleDeviceSharding
 from .adapters import LORA_A, LORA_B, factor_shardings, lora_paths, put_factors, site_arrays
 from .config import SCALINGS, LoraConfig
 from .layout import Layout
-from .plan import Plan, Site
+from .sites import Plan, Site
 from .tree import flatten, unbox
 from .version import __version__
 

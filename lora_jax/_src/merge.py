@@ -11,7 +11,7 @@ from jax.core import Tracer
 from .adapters import site_arrays, strip
 from .layout import add_delta
 from .layout import delta as delta_formula
-from .plan import Plan
+from .sites import Plan
 from .tree import map_leaves, with_value
 
 

@@ -41,8 +41,8 @@ import safetensors.numpy
 
 from .adapters import LORA_A, LORA_B, put_factors, site_arrays
 from .config import LoraConfig
-from .plan import Plan, Site
 from .plan import plan as make_plan
+from .sites import Plan, Site
 from .tree import flatten, unbox
 
 WEIGHTS_NAME = "adapter_model.safetensors"

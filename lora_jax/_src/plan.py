@@ -1,4 +1,4 @@
-"""`Plan`: a `LoraConfig` resolved against one model — every adapted kernel (a `Site`) with its
+"""`lj.plan`: resolve a `LoraConfig` against one model — every adapted kernel (a `Site`) with its
 shape, dtype, layout, rank, alpha, scale and how the function uses it.
 
 Built by tracing the function abstractly (`jax.make_jaxpr` / `jax.eval_shape`: no FLOPs). Static
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -20,128 +19,10 @@ import jax.numpy as jnp
 
 from .adapters import lora_paths
 from .config import LoraConfig
-from .interpret import Apply, Traced, Use, is_array, trace
-from .layout import Layout, Role, factor_dtype
+from .interpret import Apply, Traced, is_array, trace
+from .layout import Layout, Role
+from .sites import Plan, Site, Use
 from .tree import flatten, unbox
-
-
-@dataclasses.dataclass(frozen=True)
-class Site:
-  """One adapted kernel: its name (the '/'-rendered key path), shape, dtype, layout, rank, alpha,
-  `scale` (`alpha/r` or `alpha/sqrt(r)`) and `use`: how the function uses it, one `Use` per
-  distinct use (`str(use)` is `"dot_general"` or `"materialised (<why>)"`)."""
-  path: str
-  shape: tuple[int, ...]
-  dtype: str
-  layout: Layout
-  rank: int
-  alpha: float
-  scale: float
-  use: tuple[Use, ...] = ()
-
-  @property
-  def a_shape(self) -> tuple[int, ...]:
-    """`(*stack, *in, r)`."""
-    return self.layout.a_shape(self.shape, self.rank)
-
-  @property
-  def b_shape(self) -> tuple[int, ...]:
-    """`(*stack, r, *out)`."""
-    return self.layout.b_shape(self.shape, self.rank)
-
-  @property
-  def fan_in(self) -> int:
-    return self.layout.fan_in(self.shape)
-
-  @property
-  def fan_out(self) -> int:
-    return self.layout.fan_out(self.shape)
-
-  @property
-  def factor_dtype(self) -> str:
-    return jnp.dtype(factor_dtype(self.dtype)).name
-
-  @property
-  def num_params(self) -> int:
-    return math.prod(self.a_shape) + math.prod(self.b_shape)
-
-  @property
-  def low_rank(self) -> bool:
-    """True when every use keeps ΔW factored (nothing materialised)."""
-    return bool(self.use) and all(u.kind == "low_rank" for u in self.use)
-
-  def to_dict(self) -> dict[str, Any]:
-    return {"path": self.path, "shape": list(self.shape), "dtype": self.dtype,
-            "layout": self.layout.to_dict(), "rank": self.rank, "alpha": self.alpha,
-            "scale": self.scale, "use": [u.to_dict() for u in self.use]}
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> Site:
-    uses = tuple(Use(**u) if isinstance(u, dict) else _legacy_use(u) for u in d["use"])
-    return cls(d["path"], tuple(d["shape"]), d["dtype"], Layout.from_dict(d["layout"]),
-               d["rank"], d["alpha"], d["scale"], uses)
-
-
-def _legacy_use(text: str) -> Use:
-  """A use as version 0.1 wrote it (`"dot_general"`, `"materialised (why)"`)."""
-  if text.startswith("materialised ("):
-    why = text[len("materialised ("):-1]
-    return Use("materialised", why, why)
-  return Use("low_rank", text)
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """The resolved config: `sites` in tree order, the `config` they came from, and the number of
-  parameters in the base variables (for the summary line)."""
-  sites: tuple[Site, ...]
-  config: LoraConfig
-  base_params: int
-
-  @property
-  def paths(self) -> tuple[str, ...]:
-    return tuple(s.path for s in self.sites)
-
-  def site(self, path: str) -> Site:
-    for s in self.sites:
-      if s.path == path:
-        return s
-    raise KeyError(f"no site at {path!r}; the plan adapts {list(self.paths)}")
-
-  @property
-  def num_params(self) -> int:
-    """Trainable LoRA parameters in total."""
-    return sum(s.num_params for s in self.sites)
-
-  def __str__(self) -> str:
-    head = ("path", "shape", "layout", "rank", "alpha", "scale", "A", "B", "params", "use")
-    fmt_shape = lambda s: "(" + ",".join(map(str, s)) + ")"
-    rows = [(s.path, fmt_shape(s.shape), s.layout.describe(s.shape), str(s.rank), f"{s.alpha:g}",
-             f"{s.scale:g}", fmt_shape(s.a_shape), fmt_shape(s.b_shape), f"{s.num_params:,}",
-             ", ".join(map(str, s.use)) or "-") for s in self.sites]
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
-    pct = 100.0 * self.num_params / max(self.base_params, 1)
-    summary = (f"{len(self.sites)} sites, {self.num_params:,} LoRA params = {pct:.3g}% of "
-               f"{self.base_params:,} base params; scaling={self.config.scaling}, "
-               f"dropout={self.config.dropout:g}, init={self.config.init}")
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows), summary])
-
-  def to_dict(self) -> dict[str, Any]:
-    return {"config": self.config.to_dict(), "base_params": self.base_params,
-            "sites": [s.to_dict() for s in self.sites]}
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> Plan:
-    sites = tuple(Site.from_dict(s) for s in d["sites"])
-    return cls(sites, LoraConfig.from_dict(d["config"]), int(d["base_params"]))
-
-  def to_json(self) -> str:
-    return json.dumps(self.to_dict(), sort_keys=True)
-
-  @classmethod
-  def from_json(cls, s: str) -> Plan:
-    return cls.from_dict(json.loads(s))
 
 
 def _closest(pattern: str, paths: Sequence[str], n: int = 5) -> list[str]:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex
 
 from ..layout import Role
+from ..sites import Use
 from .values import Tracked, View
 
 InferHalf = Callable[[Any, list, "Infer"], list]
@@ -57,24 +58,6 @@ def applies(*primitives: Any) -> Callable[[Half], Half]:
       RULES.setdefault(p, Rule()).apply = fn
     return fn
   return register
-
-
-@dataclasses.dataclass(frozen=True)
-class Use:
-  """How the function uses a kernel at one place: `kind` is `"low_rank"` (ΔW stays factored),
-  `"materialised"` (`W + ΔW` formed for this use only, because `why`) or `"unused"` (the function
-  never reads it); `primitive` names the op."""
-  kind: str
-  primitive: str
-  why: str = ""
-
-  def __str__(self) -> str:
-    if self.kind != "materialised":
-      return self.primitive if self.kind == "low_rank" else self.kind
-    return f"materialised ({self.why})" if self.why else f"materialised ({self.primitive})"
-
-  def to_dict(self) -> dict[str, str]:
-    return dataclasses.asdict(self)
 
 
 class Infer:

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 
 from ..layout import Role
+from ..sites import Site
 from ..tree import flatten, map_leaves, unbox, with_value
 from .core import Apply, Infer, eval_jaxpr, materialize
 from .values import Tracked, View
-
-if TYPE_CHECKING:
-  from ..plan import Site
 
 
 def is_array(x: Any) -> bool:
