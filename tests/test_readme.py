@@ -1,25 +1,26 @@
-"""The README's quickstart must run as written."""
+"""The README's code must run as written."""
 
 import pathlib
 import re
 
 
-def test_readme_quickstart_runs():
+def _run_first_block_after(heading: str) -> dict:
+  """Execute the first python block after `heading` in the README; returns its namespace."""
   text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-  section = text.split("## Quickstart", 1)[1]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  code = re.search(r"```python\n(.*?)```", text.split(heading, 1)[1], re.S).group(1)
   namespace = {}
-  exec(compile(code, "README.md:quickstart", "exec"), namespace)
+  exec(compile(code, f"README.md:{heading}", "exec"), namespace)
+  return namespace
+
+
+def test_readme_quickstart_runs():
+  namespace = _run_first_block_after("## Quickstart")
   assert namespace["y_merged"].shape == (8, 16, 64)
   assert float(abs(namespace["y_unmerged"] - namespace["y_merged"]).max()) < 1e-5
 
 
 def test_readme_equinox_example_trains_and_merges():
-  text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-  section = text.split("### Any pytree: equinox, NamedTuples, dataclasses", 1)[1]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-  namespace = {}
-  exec(compile(code, "README.md:equinox", "exec"), namespace)
+  namespace = _run_first_block_after("### Any pytree: equinox, NamedTuples, dataclasses")
   import equinox as eqx
   import jax
   import jax.numpy as jnp

@@ -42,22 +42,22 @@ RULES: dict[Any, Rule] = {}
 Half = TypeVar("Half", bound=Callable[..., list])
 
 
-def infers(*primitives: Any) -> Callable[[Half], Half]:
-  """Register `fn` as the infer half of the rule for `primitives`."""
+def _registrar(half: str, primitives: tuple) -> Callable[[Half], Half]:
   def register(fn: Half) -> Half:
     for p in primitives:
-      RULES.setdefault(p, Rule()).infer = fn
+      setattr(RULES.setdefault(p, Rule()), half, fn)
     return fn
   return register
+
+
+def infers(*primitives: Any) -> Callable[[Half], Half]:
+  """Register `fn` as the infer half of the rule for `primitives`."""
+  return _registrar("infer", primitives)
 
 
 def applies(*primitives: Any) -> Callable[[Half], Half]:
   """Register `fn` as the apply half of the rule for `primitives`."""
-  def register(fn: Half) -> Half:
-    for p in primitives:
-      RULES.setdefault(p, Rule()).apply = fn
-    return fn
-  return register
+  return _registrar("apply", primitives)
 
 
 class Infer:
