@@ -349,12 +349,20 @@ def test_stack_axis_left_free_outside_the_scan():
          {"w": (LR("dot_general"),)})
 
 
-def test_scan_output_kernel_materialises():
-  # (A body passing `w` through unchanged is forwarded by `lax.scan` itself: then the kernel is
-  # simply returned. A layout op keeps it tracked up to the scan's outputs.)
+def test_scan_output_kernel_stays_tracked():
+  # A kernel stacked as a scan output (as nnx.scan hands layer state back) stays factored: the
+  # output stacks the factors too, so it is materialised only where a use needs it (here, when
+  # the function returns it) and a later dot on it is low-rank.
   fn = lambda p, x: lax.scan(lambda h, w: (jnp.tanh(h @ w), w.T), x, p["w"])
   _check(fn, _arrays(w=(3, 4, 4)), (_x(2, 4),), {"w": L((0,), (1,), (2,))},
-         {"w": (LR("dot_general"), MAT("scan", "scan output"))})
+         {"w": (LR("dot_general"), MAT("returned", "returned"))})
+
+  def used_after(p, x):
+    h, ws = lax.scan(lambda h, w: (jnp.tanh(h @ w), w.T), x, p["w"])
+    return jnp.einsum("bi,lji->lbj", h, ws)  # ws[l] = w[l].T: contracts w's out axis
+
+  _check(used_after, _arrays(w=(3, 4, 4)), (_x(2, 4),), {"w": L((0,), (1,), (2,))},
+         {"w": (LR("dot_general"),)})
 
 
 def test_scan_carry_kernel_materialises():

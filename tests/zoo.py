@@ -32,6 +32,7 @@ class Entry:
   rows: int  # rows (tokens / output positions) through each kernel per stack slice
   splits: int = 1  # pieces the out side is split into before use (each piece is one use)
   reverse_mode: bool = True  # False: a while_loop with a traced bound, so check jvp, not grad
+  ragged_groups: tuple[int, ...] | None = None  # kernels used through lax.ragged_dot
 
 
 class MLP(nn.Module):
@@ -199,6 +200,44 @@ def size1_axes_fn(p, x):
   return jnp.einsum("bd,lde->lbe", h, p["w"][None])[0]
 
 
+GROUPS = (1, 2, 0, 1)  # tokens per expert, already sorted by expert (as MoE dispatch leaves them)
+
+
+def moe_ragged_fn(p, x):
+  """Experts `(E, D, F)` applied with `lax.ragged_dot` (grouped matmul, MaxText/tunix MoE)."""
+  groups = jnp.array(GROUPS, jnp.int32)
+  h = jax.nn.silu(jax.lax.ragged_dot(x, p["gate"], groups)) * jax.lax.ragged_dot(x, p["up"], groups)
+  return jax.lax.ragged_dot(h, p["down"], groups)
+
+
+class NNXBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(32, 32, rngs=rngs)
+
+  def __call__(self, x):
+    return x + jnp.tanh(self.lin(x))
+
+
+class NNXRematScan(nnx.Module):
+  """Layers built with `nnx.vmap`, run with `nnx.scan` over an `nnx.remat` step (the scan hands
+  the layers' state back as an output), plus a head under `nnx.remat` alone (tunix's remat)."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return NNXBlock(rngs)
+    self.blocks = make(rngs)
+    self.head = NNXBlock(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    @nnx.remat
+    def step(x, block):
+      return block(x)
+    return nnx.remat(lambda m, x: m(x))(self.head, step(x, self.blocks))
+
+
 def _linen(name, module, x, targets, n_sites, rows):
   variables = module.init(jax.random.key(0), x)
   return Entry(name, variables, module.apply, x, targets, n_sites, rows)
@@ -248,6 +287,11 @@ def build() -> list[Entry]:
                        "qkv", 1, 4, splits=3))
   size1 = {"one": jax.random.normal(r[7], (1, 32, 32)) * 0.2, "w": jax.random.normal(r[8], (32, 48)) * 0.2}
   entries.append(Entry("size1_axes", size1, size1_axes_fn, xs, "one|w", 2, 4))
+  entries.append(Entry("moe_ragged", {k: v for k, v in moe.items() if k != "router"}, moe_ragged_fn, xs,
+                       "gate|up|down", 3, 4, ragged_groups=GROUPS))
+  nnx_graph, nnx_state = nnx.split(NNXRematScan(nnx.Rngs(3)))
+  entries.append(Entry("nnx_remat_scan", nnx_state, lambda s, x: nnx.merge(nnx_graph, s)(x), xs,
+                       r".*/kernel", 2, 4))
   return entries
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import string
 
 import jax.numpy as jnp
+from jax import lax
 from jax.extend.core import primitives as P
 
 from ..layout import Role
-from .core import Apply, Infer, applies, bind, infers, materialize, materialize_all
+from .core import Apply, Infer, applies, bind, infers, materialize, materialize_all, primitive_of
 from .values import Tracked, View
 
 IN, OUT, STACK = Role.IN, Role.OUT, Role.STACK
@@ -185,3 +186,45 @@ def _gather(eqn, invals, ctx: Apply):
   sizes = tuple(rank if j == out_axes[0] else s for j, s in enumerate(p["slice_sizes"]))
   rows = eqn.primitive.bind(_a_in_view(t).astype(t.w.dtype), idx, **{**p, "slice_sizes": sizes})
   return [base + _with_b(t, rows, dn.offset_dims[0]).astype(base.dtype)]
+
+
+_ragged_dot_p = primitive_of(lambda x, w, g: lax.ragged_dot(x, w, g), jnp.zeros((2, 2)),
+                             jnp.zeros((1, 2, 2)), jnp.ones(1, jnp.int32))
+
+
+@infers(_ragged_dot_p)
+def _ragged_dot_infer(eqn, views, ctx: Infer):
+  """A grouped matmul (`lax.ragged_dot`, the MoE kernel): the kernel's group axis is a stack
+  axis (one adapter per expert), its contracted axes in-axes, the rest out-axes."""
+  dn = eqn.params["ragged_dot_dimension_numbers"]
+  (_, rc), (_, rb) = dn.dot_dimension_numbers
+  w = views[1]
+  if isinstance(w, View):
+    groups = list(dn.rhs_group_dimensions)
+    free = [j for j in range(len(w.axes)) if j not in rc and j not in rb and j not in groups]
+    ctx.note("ragged_dot", w, {STACK: [*rb, *groups], IN: list(rc), OUT: free})
+  return [None]
+
+
+@applies(_ragged_dot_p)
+def _ragged_dot(eqn, invals, ctx: Apply):
+  """`x·W_g + s·((x·A_g)·B_g)`, both low-rank products ragged dots with the same group sizes.
+
+  Handles `lax.ragged_dot`'s own form: x `(m, k)` ragged along m, W `(g, k, n)` viewed as
+  `stack, in, out`; any other form materialises (correct, reported).
+  """
+  x, t, group_sizes = invals
+  dn = eqn.params["ragged_dot_dimension_numbers"]
+  canonical = (dn.dot_dimension_numbers == (((1,), (1,)), ((), ())) and
+               tuple(dn.lhs_ragged_dimensions) == (0,) and tuple(dn.rhs_group_dimensions) == (0,))
+  if (not isinstance(t, Tracked) or isinstance(x, Tracked) or isinstance(group_sizes, Tracked)
+      or not canonical or t.axes != ((STACK, 0), (IN, 0), (OUT, 0)) or eqn.params["group_offset"]):
+    return materialize_all(eqn, invals, ctx, "ragged_dot in an unsupported form")
+  ctx.low_rank(t, "ragged_dot")
+  base = bind(eqn, [x, t.w, group_sizes])[0]
+  opts = dict(precision=eqn.params["precision"],
+              preferred_element_type=eqn.params["preferred_element_type"])
+  h = lax.ragged_dot(ctx.drop(x), t.a.astype(t.w.dtype), group_sizes, **opts)  # (m, r)
+  h = h * jnp.asarray(t.scale, h.dtype)
+  y = lax.ragged_dot(h, t.b.astype(h.dtype), group_sizes, **opts)  # (m, n)
+  return [base + y.astype(base.dtype)]

@@ -94,17 +94,28 @@ def _scan(eqn, invals, ctx: Apply):
   key = ctx.next_key()
   keys = None if key is None else jax.random.split(key, p["length"])
   body_jaxpr = p["jaxpr"]
+  ys_specs: list = []
 
   def body(carry, step):
     step_key, xs_step = step
     vals = [*consts, *carry, *unpack(inner, xs_step)]
     outs = eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts, vals, ctx.child(step_key))
-    outs = _concrete(outs, ctx, "scan output", "scan")
-    return outs[:n_carry], outs[n_carry:]
+    # A kernel stacked as an output (nnx.scan hands the layers' state back) stays tracked.
+    ys_flat, ys_specs[:] = pack(outs[n_carry:])
+    return _concrete(outs[:n_carry], ctx, "scan carry", "scan"), ys_flat
 
-  carry, ys = lax.scan(body, init, (keys, xs_flat), length=p["length"], reverse=p["reverse"],
-                       unroll=p["unroll"])
-  return [*carry, *ys]
+  carry, ys_flat = lax.scan(body, init, (keys, xs_flat), length=p["length"], reverse=p["reverse"],
+                            unroll=p["unroll"])
+  return [*carry, *unpack([_stacked(s) for s in ys_specs], ys_flat)]
+
+
+def _stacked(spec: Tracked | None) -> Tracked | None:
+  """A tracked scan output: its per-step view gains the scanned axis in front, a stack axis
+  (the factors were stacked along their axis 0 with it)."""
+  if spec is None:
+    return None
+  rest = tuple((r, k + 1 if r is Role.STACK else k) for r, k in spec.axes)
+  return spec.replace(axes=((Role.STACK, 0), *rest))
 
 
 @infers(P.cond_p)

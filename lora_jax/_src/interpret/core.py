@@ -190,6 +190,12 @@ def eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: Context) 
   return [read(v) for v in jaxpr.outvars]
 
 
+def primitive_of(fn: Callable, *args: Any) -> Any:
+  """The last primitive `fn` binds: the key for a primitive `jax.extend` does not list
+  (`split`, `ragged_dot_general`), found through public tracing rather than a private import."""
+  return jax.make_jaxpr(fn)(*args).jaxpr.eqns[-1].primitive
+
+
 def bind(eqn, invals: Sequence[Any]) -> list:
   """Re-emit `eqn` on (untracked) `invals`; always returns a list of outputs."""
   params = eqn.primitive.get_bind_params(eqn.params)

@@ -21,18 +21,13 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from ..layout import Role
-from .core import Apply, Infer, applies, bind, infers, materialize_all
+from .core import Apply, Infer, applies, bind, infers, materialize_all, primitive_of
 from .values import Tracked
 
 _SAME_VIEW = (P.slice_p, P.dynamic_slice_p)
 
 
-def _primitive_of(fn: Callable, *args) -> object:
-  """The primitive `fn` binds (for primitives `jax.extend` does not list, e.g. `split`)."""
-  return jax.make_jaxpr(fn)(*args).jaxpr.eqns[0].primitive
-
-
-_split_p = _primitive_of(lambda x: jnp.split(x, 2), jnp.zeros(2))
+_split_p = primitive_of(lambda x: jnp.split(x, 2), jnp.zeros(2))
 
 
 def _factor_position(t: Tracked, j: int) -> tuple[bool, bool, int]:
