@@ -1,4 +1,4 @@
-"""Adapter-only orbax checkpoints that describe themselves, and training checkpoints.
+"""Adapter-only orbax checkpoints that describe themselves (training checkpoints: `training.py`).
 
 `save_adapter` writes the LoRA leaves (`*_lora_a: (*stack, *in, r)`, `*_lora_b: (*stack, r, *out)`)
 and a JSON record of everything needed to put them back: the plan (paths, layouts, ranks, alphas,
