@@ -433,6 +433,17 @@ def _positions(files, n, seed):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def _flipped_copy(clean, d, f, offset, rng):
+  """A fresh copy `d` of checkpoint dir `clean` (no cache can hide the damage) with one byte of
+  file `f` XOR-ed with a random non-zero value; returns `(d, the damaged file)`."""
+  shutil.copytree(clean, d)
+  target = d / pathlib.Path(f).relative_to(clean)
+  raw = bytearray(target.read_bytes())
+  raw[offset] ^= int(rng.integers(1, 256))
+  target.write_bytes(bytes(raw))
+  return d, target
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_single_byte_flips_load_identically_or_raise_checkpoint_error(tmp_path, orbax_leftovers):
   e, plan, tree = _trained("mlp")
@@ -445,12 +456,7 @@ def test_single_byte_flips_load_identically_or_raise_checkpoint_error(tmp_path, 
   rng = np.random.default_rng(1)
   identical, refused = 0, []
   for k, (f, offset) in enumerate(picks):
-    d = tmp_path / f"flip{k}"  # a fresh copy each time: no cache can hide the damage
-    shutil.copytree(clean, d)
-    target = d / f.relative_to(clean)
-    raw = bytearray(target.read_bytes())
-    raw[offset] ^= int(rng.integers(1, 256))
-    target.write_bytes(bytes(raw))
+    d, target = _flipped_copy(clean, tmp_path / f"flip{k}", f, offset, rng)
     try:
       loaded, plan2 = lj.load_adapter(d, e.variables)
     except lj.CheckpointError as err:
@@ -630,12 +636,7 @@ def test_training_checkpoint_damage_restores_identically_or_names_the_step(tmp_p
   rng = np.random.default_rng(3)
   identical, refused = 0, 0
   for k, (f, offset) in enumerate(picks):
-    d = tmp_path / f"flip{k}"
-    shutil.copytree(clean, d)
-    target = d / f.relative_to(clean)
-    raw = bytearray(target.read_bytes())
-    raw[offset] ^= int(rng.integers(1, 256))
-    target.write_bytes(bytes(raw))
+    d, target = _flipped_copy(clean, tmp_path / f"flip{k}", f, offset, rng)
     try:
       with lj.TrainingCheckpointer(d) as ckpt:
         got_step, got_a, got_s = ckpt.restore(7, adapters0, tx.init(adapters0))
