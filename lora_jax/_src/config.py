@@ -243,8 +243,9 @@ class LoraConfig:
     targets: regex or list/tuple of regexes, fullmatched against '/'-joined leaf paths.
     target_modules: PEFT's vocabulary: a list of module names, each matching a module path (a
       leaf path minus its leaf name) equal to it or ending in `/<name>` (`"q_proj"`,
-      `"self_attn.q_proj"`; '.' and '/' are the same separator), whose kernels (leaves with at
-      least 2 axes directly in the module) are adapted; or `"all-linear"`: every kernel whose
+      `"self_attn.q_proj"`; '.' and '/' are the same separator), whose kernels (leaves directly
+      in the module with at least 2 axes that the function uses as weights; without `apply_fn`,
+      any such leaf not named `bias`) are adapted; or `"all-linear"`: every kernel whose
       uses are all dense (`dot_general`), except the output head (the kernel of the function's
       last weight use), as PEFT's `all-linear` leaves out `lm_head` / a classifier. Adds to
       `targets`; `"all-linear"` needs `apply_fn` in `lj.plan`.

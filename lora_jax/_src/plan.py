@@ -29,9 +29,11 @@ def _closest(pattern: str, paths: Sequence[str], n: int = 5) -> list[str]:
   return difflib.get_close_matches(pattern, paths, n=n, cutoff=0.0)
 
 
-def _named_kernels(config: LoraConfig, arrays: dict[str, Any]) -> set[str]:
-  """The kernels (leaves with >= 2 axes directly in a module) of the modules a `target_modules`
-  list names; every name must name a module that has one."""
+def _named_kernels(config: LoraConfig, arrays: dict[str, Any], traced: Traced | None) -> set[str]:
+  """The kernels of the modules a `target_modules` list names: their leaves with >= 2 axes that
+  the function uses as weights (a contraction, lookup or conv gives them in and out axes; a
+  scanned stack's `(L, F)` bias has 2 axes but no such use), or without `apply_fn` that are not
+  named `bias`. Every name must name a module that has one."""
   if not isinstance(config.target_modules, tuple):
     return set()
   modules = sorted({module_of(p) for p in arrays})
@@ -42,7 +44,10 @@ def _named_kernels(config: LoraConfig, arrays: dict[str, Any]) -> set[str]:
       raise ValueError(f"LoraConfig.target_modules[{i}]: {name!r} names no module (a module path "
                        f"equal to it or ending in '/{name}'). Closest modules: "
                        f"{_closest(name, modules)}")
-    kernels = [p for p in hits if arrays[p].ndim >= 2]
+    kernels = [p for p in hits if arrays[p].ndim >= 2 and (traced or not p.endswith("/bias"))]
+    if traced is not None and kernels:
+      found = traced.infer(kernels)
+      kernels = [p for i, p in enumerate(kernels) if found[i]]
     if not kernels:
       found = ", ".join(f"{p} {tuple(arrays[p].shape)}" for p in hits[:3])
       raise ValueError(f"LoraConfig.target_modules[{i}]: {name!r} names modules with no kernel "
@@ -76,7 +81,7 @@ def _select(config: LoraConfig, arrays: dict[str, Any], traced: Traced | None) -
     if not any(names_module(name, m) for p in paths for m in _ancestors(p)):
       raise ValueError(f"LoraConfig.modules_to_save[{i}]: {name!r} names no module. Closest "
                        f"modules: {_closest(name, sorted({module_of(p) for p in paths}))}")
-  named = _named_kernels(config, arrays)
+  named = _named_kernels(config, arrays, traced)
   if config.target_modules == ALL_LINEAR:
     named |= _all_linear(config, arrays, traced)
   excluded = lambda p: config.saves(p) or any(re.fullmatch(e, p) for e in config.exclude)
