@@ -605,7 +605,11 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   PEFT's rank (from `lora_A`'s shape, checked against `r`/`rank_pattern`),
   `lora_alpha`/`alpha_pattern`, `use_rslora` and `lora_dropout`, so `scale` is PEFT's.
   `A = lora_A.T` and `B = lora_B.T` are un-flattened to `(*stack, *in, r)` and
-  `(*stack, r, *out)`.
+  `(*stack, r, *out)` (an `Embedding`'s `lora_embedding_A/B` likewise). Parameters of the config's
+  `modules_to_save` (`<module>.weight` -> the key map's kernel, transposed back to `(in, out)` for a
+  2-D `kernel`; `<module>.bias` -> its sibling `bias`) become `<leaf>_lora_full` copies, and a
+  `save_embedding_layers` table (`<module>.base_layer.weight`) replaces the base table, as PEFT
+  loads it. Stack layers left out by `layers_to_transform` get zero factors.
 
   Pass `apply_fn` and `args` (as for `lj.plan`) so each kernel's layout is read off its uses.
   They are needed for multi-axis kernels and stacks, and for any 2-D kernel whose orientation
