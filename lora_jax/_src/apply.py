@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from .adapters import site_arrays, strip
+from .adapters import site_arrays, with_saved
 from .interpret import Apply, trace
 from .merge import merge
 from .sites import Plan
@@ -57,7 +57,7 @@ def unmerged(fn: Callable, plan: Plan, dropout_key: jax.Array | None = None) -> 
   @functools.wraps(fn)
   def apply(tree: Any, *args: Any, **kwargs: Any) -> Any:
     factors = {path: (a, b) for path, (_, a, b) in site_arrays(plan, tree).items()}
-    traced = trace(fn, strip(tree), args, kwargs)
+    traced = trace(fn, with_saved(plan, tree), args, kwargs)
     return traced.run(plan.sites, factors, Apply(plan.config.dropout, dropout_key))
 
   return apply

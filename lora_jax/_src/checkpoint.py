@@ -60,7 +60,16 @@ import orbax.checkpoint as ocp
 from jax import lax
 from jax.sharding import Sharding, SingleDeviceSharding
 
-from .adapters import LORA_A, LORA_B, factor_shardings, lora_paths, put_factors, site_arrays
+from .adapters import (
+  LORA_A,
+  LORA_B,
+  LORA_FULL,
+  factor_shardings,
+  lora_paths,
+  put_factors,
+  saved_arrays,
+  site_arrays,
+)
 from .config import SCALINGS, LoraConfig
 from .layout import Layout
 from .sites import Plan, Site
@@ -163,8 +172,8 @@ def _pick(nested: Mapping, path: str) -> Any:
   return nested
 
 
-def _metadata(plan: Plan, kernels: dict[str, Any], leaves: dict[str, jax.Array], version: str
-              ) -> dict[str, Any]:
+def _metadata(plan: Plan, kernels: dict[str, Any], leaves: dict[str, jax.Array], version: str,
+              saved: dict[str, Any]) -> dict[str, Any]:
   sums = checksums(list(leaves.values()))
   record = {
       "format": FORMAT,
@@ -172,7 +181,9 @@ def _metadata(plan: Plan, kernels: dict[str, Any], leaves: dict[str, jax.Array],
       "lora_jax_version": __version__,
       "plan": plan.to_dict(),
       "base_fingerprint": [{"path": s.path, "shape": list(kernels[s.path][0].shape),
-                            "dtype": jnp.dtype(kernels[s.path][0].dtype).name} for s in plan.sites],
+                            "dtype": jnp.dtype(kernels[s.path][0].dtype).name} for s in plan.sites]
+                          + [{"path": p, "shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name}
+                             for p, x in saved.items()],
       "leaves": [{"path": p, "shape": list(x.shape), "dtype": x.dtype.name, "nbytes": int(x.nbytes),
                   "checksum": c} for (p, x), c in zip(leaves.items(), sums)],
       "raw_bytes": int(sum(x.nbytes for x in leaves.values())),
@@ -290,7 +301,10 @@ def validate_record(meta: Any, where: pathlib.Path, version: str) -> tuple[Plan,
     r.need(meta["version"] == version, "version",
            f"{meta['version']!r}, but the record lies in {version!r}")
   r.need(isinstance(meta["lora_jax_version"], str), "lora_jax_version", "expected a string")
-  plan_d = r.keys(meta["plan"], "plan", {"config", "base_params", "sites"})
+  plan_keys = {"config", "base_params", "sites"}
+  plan_d = r.keys(meta["plan"], "plan",
+                  plan_keys | ({"saved"} if isinstance(meta["plan"], dict) and "saved" in meta["plan"]
+                               else set()))
   r.need(_is_int(plan_d["base_params"]) and plan_d["base_params"] >= 0, "plan.base_params",
          f"{plan_d['base_params']!r} is not a count")
   r.need(isinstance(plan_d["config"], dict), "plan.config", "expected an object")
@@ -307,11 +321,21 @@ def validate_record(meta: Any, where: pathlib.Path, version: str) -> tuple[Plan,
   sites = tuple(_check_site(r, d, i, config) for i, d in enumerate(sites_d))
   paths = [s.path for s in sites]
   r.need(len(set(paths)) == len(paths), "plan.sites", f"repeated paths in {paths}")
-  plan = Plan(sites, config, plan_d["base_params"])
+  saved = plan_d.get("saved", [])
+  r.need(isinstance(saved, list) and all(isinstance(p, str) and config.saves(p) for p in saved)
+         and len(set(saved)) == len(saved) and not set(saved) & set(paths), "plan.saved",
+         f"{saved!r} is not a list of distinct leaf paths in the config's modules_to_save")
+  plan = Plan(sites, config, plan_d["base_params"], tuple(saved))
 
   fp = meta["base_fingerprint"]
-  r.need(isinstance(fp, list) and len(fp) == len(sites), "base_fingerprint",
-         f"expected one entry per site ({len(sites)})")
+  r.need(isinstance(fp, list) and len(fp) == len(sites) + len(saved), "base_fingerprint",
+         f"expected one entry per site and saved leaf ({len(sites) + len(saved)})")
+  for i, (e, p) in enumerate(zip(fp[len(sites):], saved), start=len(sites)):
+    f = f"base_fingerprint[{i}]"
+    r.keys(e, f, {"path", "shape", "dtype"})
+    r.need(e["path"] == p, f + ".path", f"{e['path']!r} is not the saved leaf {p!r}")
+    r.shape(e["shape"], f + ".shape")
+    r.dtype(e["dtype"], f + ".dtype")
   for i, (e, s) in enumerate(zip(fp, sites)):
     f = f"base_fingerprint[{i}]"
     r.keys(e, f, {"path", "shape", "dtype"})
@@ -322,8 +346,9 @@ def validate_record(meta: Any, where: pathlib.Path, version: str) -> tuple[Plan,
   leaves = meta["leaves"]
   expected = [(s.path + f, shape) for s in sites for f, shape in ((LORA_A, s.a_shape),
                                                                    (LORA_B, s.b_shape))]
+  expected += [(e["path"] + LORA_FULL, tuple(e["shape"])) for e in fp[len(sites):]]
   r.need(isinstance(leaves, list) and len(leaves) == len(expected), "leaves",
-         f"expected one entry per factor ({len(expected)})")
+         f"expected one entry per factor and saved leaf ({len(expected)})")
   entries = {}
   for i, (e, (path, shape)) in enumerate(zip(leaves, expected)):
     f = f"leaves[{i}]"
@@ -496,6 +521,8 @@ def save_adapter(directory: str | os.PathLike, plan: Plan, tree: PyTree) -> None
   arrays = site_arrays(plan, tree)  # {path: (W, A, B)}, unboxed; raises if tree != plan
   leaves = {s.path + f: jnp.asarray(arrays[s.path][i]) for s in plan.sites
             for i, f in ((1, LORA_A), (2, LORA_B))}
+  saved = saved_arrays(plan, tree)
+  leaves |= {p + LORA_FULL: jnp.asarray(x) for p, x in saved.items()}
   if directory.exists():
     foreign = sorted(p for p in directory.iterdir() if not _ours(p.name))
     if foreign:
@@ -518,7 +545,7 @@ def save_adapter(directory: str | os.PathLike, plan: Plan, tree: PyTree) -> None
       raise CheckpointError(f"save_adapter: {directory}: process 0 failed to prepare the save; "
                             "see its log")
     version = f"adapter-{number}"
-    meta = _metadata(plan, arrays, leaves, version)
+    meta = _metadata(plan, arrays, leaves, version, saved)
     failed = 0
     try:
       with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -643,6 +670,7 @@ def _given_shardings(shardings: Any) -> dict[str, Any]:
 def _target_shardings(plan: Plan, base_leaves: dict[str, Any], given: dict[str, Any]
                       ) -> dict[str, Sharding]:
   expected = {s.path + f for s in plan.sites for f in (LORA_A, LORA_B)}
+  expected |= {p + LORA_FULL for p in plan.saved}
   if set(given) == {"*"} and isinstance(given["*"], Sharding):
     given = dict.fromkeys(expected, given["*"])
   wrong = [(p, v) for p, v in given.items() if not isinstance(v, Sharding)]
@@ -659,6 +687,9 @@ def _target_shardings(plan: Plan, base_leaves: dict[str, Any], given: dict[str, 
     kernel = unbox(base_leaves[s.path])
     for f in (LORA_A, LORA_B):
       out[s.path + f] = given.get(s.path + f) or _adapter_sharding(s, kernel, f) or default
+  for p in plan.saved:  # a full copy goes where its leaf is
+    own = getattr(unbox(base_leaves[p]), "sharding", None)
+    out[p + LORA_FULL] = given.get(p + LORA_FULL) or (own if isinstance(own, Sharding) else default)
   return out
 
 
@@ -736,7 +767,8 @@ def _load_version(version_dir: pathlib.Path, base: PyTree, given: dict[str, Any]
                             "checkpoint")
 
   tree = put_factors(base, {s.path: (s.layout, arrays[s.path + LORA_A], arrays[s.path + LORA_B])
-                            for s in plan.sites}, "load_adapter")
+                            for s in plan.sites}, "load_adapter",
+                     {p: arrays[p + LORA_FULL] for p in plan.saved})
   dtypes = {s.path: jnp.dtype(unbox(base_leaves[s.path]).dtype).name for s in plan.sites}
   plan = dataclasses.replace(plan, sites=tuple(dataclasses.replace(s, dtype=dtypes[s.path])
                                                for s in plan.sites))

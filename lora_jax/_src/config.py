@@ -23,6 +23,7 @@ from typing import Any
 from .layout import Layout
 
 SCALINGS = ("standard", "rslora")
+ALL_LINEAR = "all-linear"
 INITS = ("kaiming_uniform", "gaussian")
 
 
@@ -124,6 +125,54 @@ def _as_patterns(value: Any, field: str) -> tuple[str, ...]:
   return tuple(_regex(p, f"{field}[{i}]") for i, p in enumerate(value))
 
 
+def _module_names(value: Any, field: str, shorthand: bool) -> tuple[str, ...] | str:
+  """PEFT-style module names (`["q_proj", "self_attn.v_proj"]`) as a tuple of '/'-joined names.
+
+  Args:
+    value: a list/tuple of non-empty strings; with `shorthand`, also the string `"all-linear"`
+      (any case, as PEFT).
+    field: `target_modules` or `modules_to_save`, for messages.
+    shorthand: whether `"all-linear"` is allowed.
+
+  Returns:
+    The names with PEFT's '.' separators written as '/' (the separator of lora_jax paths), or
+    `"all-linear"`.
+
+  Raises:
+    TypeError: any other string (a regex belongs in `targets=`), or not a list/tuple of strings.
+    ValueError: an empty name, or one with an empty '.'/'/' segment.
+  """
+  if isinstance(value, str):
+    if shorthand and value.lower() == ALL_LINEAR:
+      return ALL_LINEAR
+    allowed = f"{ALL_LINEAR!r} or " if shorthand else ""
+    raise TypeError(f"LoraConfig.{field}: expected {allowed}a list of module names (e.g. "
+                    f"['q_proj', 'v_proj']), got the string {value!r}; a regex over full paths "
+                    f"goes in `targets=`")
+  if not isinstance(value, (list, tuple)):
+    raise TypeError(f"LoraConfig.{field}: expected a list/tuple of module names, got {value!r} "
+                    f"of type {_type_name(value)}")
+  out = []
+  for i, name in enumerate(value):
+    if not isinstance(name, str):
+      raise TypeError(f"LoraConfig.{field}[{i}]: expected a module name string, got {name!r} of "
+                      f"type {_type_name(name)}")
+    if not all(name.replace(".", "/").split("/")):
+      raise ValueError(f"LoraConfig.{field}[{i}]: {name!r} is not a module name (empty segment)")
+    out.append(name.replace(".", "/"))
+  return tuple(out)
+
+
+def module_of(path: str) -> str:
+  """The module path of a leaf path: `params/layers/q_proj/kernel` -> `params/layers/q_proj`."""
+  return path.rpartition("/")[0]
+
+
+def names_module(name: str, module: str) -> bool:
+  """PEFT's rule for a module name in a list: `module` is `name` or ends with `/name`."""
+  return module == name or module.endswith("/" + name)
+
+
 def _layout_text(value: Any, field: str) -> str:
   """A layout override in its canonical text (`Layout.to_text`).
 
@@ -192,6 +241,19 @@ class LoraConfig:
 
   Attributes:
     targets: regex or list/tuple of regexes, fullmatched against '/'-joined leaf paths.
+    target_modules: PEFT's vocabulary: a list of module names, each matching a module path (a
+      leaf path minus its leaf name) equal to it or ending in `/<name>` (`"q_proj"`,
+      `"self_attn.q_proj"`; '.' and '/' are the same separator), whose kernels (leaves directly
+      in the module with at least 2 axes that the function uses as weights; without `apply_fn`,
+      any such leaf not named `bias`) are adapted; or `"all-linear"`: every kernel whose
+      uses are all dense (`dot_general`), except the output head (the kernel of the function's
+      last weight use), as PEFT's `all-linear` leaves out `lm_head` / a classifier. Adds to
+      `targets`; `"all-linear"` needs `apply_fn` in `lj.plan`.
+    modules_to_save: module names (as in `target_modules`) whose leaves are trained in full, as
+      PEFT's `modules_to_save` (a classifier head): `lj.attach` puts a trainable copy
+      `<leaf>_lora_full` beside each, which the function sees in place of the leaf; `split`,
+      `trainable_mask`, `freeze_base`, checkpoints and PEFT export treat it as an adapter leaf.
+      A saved module is never LoRA-adapted.
     rank: default LoRA rank `r`, an `int` >= 1.
     alpha: default `alpha`, a finite real > 0; the update is `ΔW = scale · A·B` with
       `scale = alpha / r` (`scaling="standard"`, Hu et al. 2021) or `alpha / sqrt(r)`
@@ -226,13 +288,19 @@ class LoraConfig:
   rank_pattern: Any = ()
   alpha_pattern: Any = ()
   layout_pattern: Any = ()
+  target_modules: tuple[str, ...] | str = ()
+  modules_to_save: tuple[str, ...] = ()
 
   def __post_init__(self):
     targets = _as_patterns(self.targets, "targets")
-    if not targets:
-      raise ValueError("LoraConfig.targets: give at least one regex, e.g. r'.*/(query|value)/kernel'")
+    target_modules = _module_names(self.target_modules, "target_modules", shorthand=True)
+    if not targets and not target_modules:
+      raise ValueError("LoraConfig.targets: give at least one regex, e.g. r'.*/(query|value)/kernel', "
+                       "or PEFT-style `target_modules=['query', 'value']`")
     set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen dataclass: normalise once here
     set_("targets", targets)
+    set_("target_modules", target_modules)
+    set_("modules_to_save", _module_names(self.modules_to_save, "modules_to_save", shorthand=False))
     set_("exclude", _as_patterns(self.exclude, "exclude"))
     set_("rank", _positive_int(self.rank, "rank"))
     set_("alpha", _positive_real(self.alpha, "alpha"))
@@ -247,9 +315,21 @@ class LoraConfig:
     _choice(self.init, "init", INITS)
 
   def selects(self, path: str) -> bool:
-    """True if `path` fullmatches a target and no exclude pattern."""
-    return (any(re.fullmatch(p, path) for p in self.targets)
-            and not any(re.fullmatch(p, path) for p in self.exclude))
+    """True if `path` fullmatches a target regex, or its module is named in a `target_modules`
+    list, and it matches no exclude pattern and is not in a module to save. (`"all-linear"`
+    and the at-least-2-axes rule of `target_modules` need the model: `lj.plan` applies them.)"""
+    module = module_of(path)
+    named = (isinstance(self.target_modules, tuple)
+             and any(names_module(n, module) for n in self.target_modules))
+    return ((named or any(re.fullmatch(p, path) for p in self.targets))
+            and not any(re.fullmatch(p, path) for p in self.exclude) and not self.saves(path))
+
+  def saves(self, path: str) -> bool:
+    """True if `path` lies in a module named by `modules_to_save` (at any depth below it, as
+    PEFT wraps the whole module)."""
+    parts = path.split("/")
+    return any(names_module(n, "/".join(parts[:k])) for n in self.modules_to_save
+               for k in range(1, len(parts)))
 
   def rank_for(self, path: str) -> int:
     """Rank for `path`: the first fullmatching `rank_pattern` entry, else `rank`."""
@@ -270,12 +350,19 @@ class LoraConfig:
     return a / math.sqrt(r) if self.scaling == "rslora" else a / r
 
   def to_dict(self) -> dict[str, Any]:
-    """The fields as JSON-able Python values (lists and dicts; `from_dict` reverses it)."""
+    """The fields as JSON-able Python values (lists and dicts; `from_dict` reverses it); empty
+    `target_modules` / `modules_to_save` are left out."""
     d = dataclasses.asdict(self)
     d["rank_pattern"] = dict(self.rank_pattern)
     d["alpha_pattern"] = dict(self.alpha_pattern)
     d["layout_pattern"] = dict(self.layout_pattern)
     d["targets"], d["exclude"] = list(self.targets), list(self.exclude)
+    # the PEFT-vocabulary fields only when used, so records of configs without them stay as
+    # they were written before these fields existed
+    for field in ("target_modules", "modules_to_save"):
+      value = d.pop(field)
+      if value:
+        d[field] = value if isinstance(value, str) else list(value)
     return d
 
   @classmethod

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.core import Tracer
 
-from .adapters import site_arrays, strip
+from .adapters import site_arrays, with_saved
 from .layout import add_delta
 from .layout import delta as delta_formula
 from .sites import Plan
@@ -31,7 +31,8 @@ def delta(plan: Plan, tree: Any) -> dict[str, jax.Array]:
 
 
 def merge(plan: Plan, tree: Any, *, check_finite: bool = False) -> Any:
-  """Plain variables with `W' = W + scale · A·B` and the LoRA leaves removed.
+  """Plain variables with `W' = W + scale · A·B`, each `modules_to_save` leaf replaced by its
+  trained copy (as PEFT's `merge_and_unload`), and the LoRA leaves removed.
 
   The sum is accumulated in float32 and cast once to W's dtype (integer kernels are rounded to
   nearest and saturated); a concrete W's sharding is kept. `jit`-compatible:
@@ -62,4 +63,5 @@ def merge(plan: Plan, tree: Any, *, check_finite: bool = False) -> Any:
     if isinstance(w, jax.Array) and not isinstance(w, Tracer):
       new = jax.device_put(new, w.sharding)
     merged[s.path] = new
-  return map_leaves(lambda p, x: with_value(x, merged[p]) if p in merged else x, strip(tree))
+  return map_leaves(lambda p, x: with_value(x, merged[p]) if p in merged else x,
+                    with_saved(plan, tree))

@@ -39,18 +39,19 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from .adapters import LORA_A, LORA_B, put_factors, site_arrays
-from .config import LoraConfig
+from .adapters import LORA_A, LORA_B, put_factors, saved_arrays, site_arrays
+from .config import LoraConfig, module_of
 from .plan import plan as make_plan
 from .sites import Plan, Site
-from .tree import flatten, unbox
+from .tree import flatten, map_leaves, unbox, with_value
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 PICKLE_NAME = "adapter_model.bin"
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 PREFIX = "base_model.model."
-_KEY = re.compile(r"base_model\.model\.(.+)\.lora_([AB])\.weight")
+_KEY = re.compile(r"base_model\.model\.(.+)\.lora_(?:([AB])\.weight|embedding_([AB]))")
+_BASE_LAYER = ".base_layer.weight"  # a full embedding, as `save_embedding_layers=True` writes it
 Index = tuple[int, ...]
 
 
@@ -64,6 +65,7 @@ class KeyMap:
   """
   to_peft: Callable[[str, Index], str | None]
   from_peft: Callable[[str], tuple[str, Index] | None]
+  leaf: str = "kernel"  # the kernels' leaf name: PEFT's `weight` (other leaves keep their names)
 
 
 def _flax(prefix: str, leaf: str, scanned: Sequence[str]) -> KeyMap:
@@ -93,7 +95,7 @@ def _flax(prefix: str, leaf: str, scanned: Sequence[str]) -> KeyMap:
         break
     return head + "/".join(parts) + "/" + leaf, index
 
-  return KeyMap(to_peft, from_peft)
+  return KeyMap(to_peft, from_peft, leaf)
 
 
 def linen(prefix: str = "params", leaf: str = "kernel", scanned: Sequence[str] = ()) -> KeyMap:
@@ -135,6 +137,7 @@ def from_dict(mapping: Mapping[str, str]) -> KeyMap:
     The `KeyMap`.
   """
   patterns = {p: re.compile(re.escape(m).replace(r"\{\}", r"(\d+)")) for p, m in mapping.items()}
+  leaves = {p.rpartition("/")[2] for p in mapping}
 
   def to_peft(path: str, index: Index) -> str | None:
     m = mapping.get(path)
@@ -150,7 +153,7 @@ def from_dict(mapping: Mapping[str, str]) -> KeyMap:
         return path, tuple(int(g) for g in found.groups())
     return None
 
-  return KeyMap(to_peft, from_peft)
+  return KeyMap(to_peft, from_peft, leaves.pop() if len(leaves) == 1 else "kernel")
 
 
 peft_key_map = types.SimpleNamespace(linen=linen, nnx=nnx, from_dict=from_dict, KeyMap=KeyMap)
@@ -196,11 +199,37 @@ def _layers(site: Site) -> list[Index]:
   return list(itertools.product(*map(range, stack)))
 
 
+def _is_embedding(site: Site) -> bool:
+  return any(u.primitive == "gather" for u in site.use)
+
+
 def _check_exportable(site: Site) -> None:
   conv_like = not site.use and len(site.layout.in_axes) > 1 and len(site.shape) > 2
-  if "conv_general_dilated" in site.use or "gather" in site.use or conv_like:
-    raise NotImplementedError(f"{site.path}: only kernels used as dense layers (PEFT `Linear`) can "
-                              f"be exported to PEFT; this one is used as {site.use or ('a conv',)}")
+  if "conv_general_dilated" in site.use or conv_like:
+    raise NotImplementedError(f"{site.path}: only kernels used as dense layers (PEFT `Linear`) or "
+                              f"embedding lookups (`Embedding`) can be exported to PEFT; this one "
+                              f"is used as {site.use or ('a conv',)}")
+  if _is_embedding(site) and (len(site.shape) != 2 or any(u.primitive != "gather" for u in site.use)):
+    raise NotImplementedError(
+        f"{site.path}: an embedding of shape {site.shape} used as {[str(u) for u in site.use]}: "
+        "PEFT's `Embedding` LoRA changes the lookup only, so a 2-D table used only by lookups "
+        "exports; a tied output head (the same table in a dot_general) would get the update in "
+        "JAX but not in PEFT")
+
+
+def _saved_names(key_map: KeyMap, path: str, leaf: Any) -> tuple[str, np.ndarray]:
+  """PEFT's name and value for a `modules_to_save` leaf: the module named as the key map names
+  its kernel, the kernel leaf as `weight` (a 2-D `kernel` transposed to torch's `(out, in)`), other
+  leaves (`bias`) by their own names."""
+  module_path, _, name = path.rpartition("/")
+  module = key_map.to_peft(f"{module_path}/{key_map.leaf}", ())
+  if module is None:
+    raise ValueError(f"{path}: a modules_to_save leaf, but the key map names no PEFT module for "
+                     f"{module_path}/{key_map.leaf}")
+  value = np.asarray(leaf)
+  if name == key_map.leaf:
+    name, value = "weight", (value.T if key_map.leaf == "kernel" and value.ndim == 2 else value)
+  return f"{module}.{name}", value
 
 
 def _save_weights(path: str, tensors: Mapping[str, np.ndarray]) -> None:
@@ -228,20 +257,33 @@ def _save_weights(path: str, tensors: Mapping[str, np.ndarray]) -> None:
 
 def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
                 key_map: KeyMap | Mapping[str, str] | None = None,
-                base_model_name_or_path: str | None = None) -> None:
+                base_model_name_or_path: str | None = None, fan_in_fan_out: bool = False,
+                save_embedding_layers: bool | str = "auto", task_type: str | None = None) -> None:
   """Write the adapter in `tree` as a PEFT LoRA adapter: `directory/adapter_model.safetensors`
   and `directory/adapter_config.json` (loadable with `peft.PeftModel.from_pretrained`).
 
   Each site's layer `l` (every index of its stack axes) becomes the PEFT module
   `key_map.to_peft(path, l)` with `lora_A.weight = A[l].reshape(fan_in, r).T: (r, fan_in)` and
-  `lora_B.weight = B[l].reshape(r, fan_out).T: (fan_out, r)`. Per-site rank and alpha go into
-  `rank_pattern`/`alpha_pattern` so every PEFT module gets this site's `scale`.
+  `lora_B.weight = B[l].reshape(r, fan_out).T: (fan_out, r)`. An embedding table `(V, D)` used by
+  lookups is a PEFT `Embedding`: `lora_embedding_A = A.T: (r, V)`, `lora_embedding_B = B.T:
+  (D, r)` (same transposes, PEFT's other key names). Per-site rank and alpha go into
+  `rank_pattern`/`alpha_pattern` so every PEFT module gets this site's `scale`. Each
+  `modules_to_save` leaf's trained copy is written as PEFT's `get_peft_model_state_dict` does:
+  `base_model.model.<module>.weight` (a 2-D `kernel` transposed to `(out, in)`) / `.bias`.
+
   Args:
     directory: created if missing; the two files are replaced atomically.
     plan: the plan of `tree`.
     tree: the LoRA tree.
     key_map: names the PEFT module of each site; default `peft_key_map.linen()`.
     base_model_name_or_path: written into `adapter_config.json`.
+    fan_in_fan_out: True when the torch modules are `transformers` `Conv1D`s (GPT-2), whose
+      weight is `(in, out)`; the factors are the same, only the config flag differs (PEFT warns
+      and corrects a wrong one).
+    save_embedding_layers: as PEFT's: True also writes each adapted embedding's base table as
+      `<module>.base_layer.weight`; `"auto"` (PEFT's default) means True when an embedding is
+      adapted.
+    task_type: PEFT's `task_type` (`"SEQ_CLS"`, `"CAUSAL_LM"`, ...), written into the config.
 
   Returns:
     None.
@@ -249,14 +291,22 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
   Raises:
     ValueError: naming the path, for a site the key map cannot name (or two sites with one
       name), before writing anything.
-    NotImplementedError: a site used other than as a dense layer (conv, embedding lookup).
+    NotImplementedError: a site used other than as a dense layer or an embedding lookup, or a
+      tied embedding (also used as the output head).
   """
   key_map = _as_key_map(key_map if key_map is not None else linen())
+  if save_embedding_layers not in (True, False, "auto"):
+    raise ValueError(f"export_peft: save_embedding_layers must be True, False or 'auto', got "
+                     f"{save_embedding_layers!r}")
   arrays = site_arrays(plan, tree)
   tensors, ranks, alphas, owner = {}, {}, {}, {}
+  embeddings = [s for s in plan.sites if _is_embedding(s)]
+  save_embeddings = bool(embeddings) if save_embedding_layers == "auto" else save_embedding_layers
   for site in plan.sites:
     _check_exportable(site)
-    _, a, b = (np.asarray(x) for x in arrays[site.path])
+    w, a, b = (np.asarray(x) for x in arrays[site.path])
+    names = ("lora_embedding_A", "lora_embedding_B") if site in embeddings else ("lora_A.weight",
+                                                                                "lora_B.weight")
     for index in _layers(site):
       module = key_map.to_peft(site.path, index)
       if module is None:
@@ -265,19 +315,27 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
       if module in owner:
         raise ValueError(f"{site.path} and {owner[module]}: both map to PEFT module {module!r}")
       owner[module] = site.path
-      tensors[f"{PREFIX}{module}.lora_A.weight"] = a[index].reshape(site.fan_in, site.rank).T
-      tensors[f"{PREFIX}{module}.lora_B.weight"] = b[index].reshape(site.rank, site.fan_out).T
+      tensors[f"{PREFIX}{module}.{names[0]}"] = a[index].reshape(site.fan_in, site.rank).T
+      tensors[f"{PREFIX}{module}.{names[1]}"] = b[index].reshape(site.rank, site.fan_out).T
+      if save_embeddings and site in embeddings:
+        tensors[f"{PREFIX}{module}{_BASE_LAYER}"] = w
       ranks[module], alphas[module] = site.rank, _number(site.alpha)
+  saved_modules = set()
+  for path, leaf in saved_arrays(plan, tree).items():
+    name, value = _saved_names(key_map, path, leaf)
+    tensors[PREFIX + name] = value
+    saved_modules.add(name.rpartition(".")[0])
   r, rank_pattern = _patterns(ranks)
   alpha, alpha_pattern = _patterns(alphas)
   init = {"kaiming_uniform": True, "gaussian": "gaussian"}[plan.config.init]
-  config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+  config = {"peft_type": "LORA", "task_type": task_type,
+            "base_model_name_or_path": base_model_name_or_path,
             "r": r, "lora_alpha": alpha, "target_modules": sorted(owner),
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
             "use_rslora": plan.config.scaling == "rslora", "lora_dropout": plan.config.dropout,
-            "bias": "none", "fan_in_fan_out": False, "init_lora_weights": init, "use_dora": False,
-            "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-            "inference_mode": True}
+            "bias": "none", "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": init,
+            "use_dora": False, "modules_to_save": sorted(saved_modules) or None,
+            "layers_to_transform": None, "layers_pattern": None, "inference_mode": True}
   os.makedirs(directory, exist_ok=True)
   _save_weights(os.path.join(directory, WEIGHTS_NAME), tensors)
   tmp = os.path.join(directory, f".tmp-{CONFIG_NAME}")
@@ -382,7 +440,30 @@ def _read_config(path: str) -> dict[str, Any]:
           "rank_pattern": _config_pattern(config, path, "rank_pattern", _config_int),
           "alpha_pattern": _config_pattern(config, path, "alpha_pattern", _config_real),
           "use_rslora": rslora, "lora_dropout": float(dropout),
-          "init": "gaussian" if init == "gaussian" else "kaiming_uniform"}
+          "init": "gaussian" if init == "gaussian" else "kaiming_uniform",
+          "modules_to_save": _config_names(path, "modules_to_save", config.get("modules_to_save")),
+          "layers_to_transform": _config_layers(path, config.get("layers_to_transform"))}
+
+
+def _config_names(path: str, field: str, value: Any) -> list[str]:
+  """A list of module names (or null) from the adapter config."""
+  if value is None:
+    return []
+  if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+    raise _config_error(path, field, f"expected a list of module names or null, got {value!r}")
+  return value
+
+
+def _config_layers(path: str, value: Any) -> set[int] | None:
+  """`layers_to_transform` (an int, a list of ints, or null) as a set of layer indices."""
+  if value is None or value == []:
+    return None
+  values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+  if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                             and v >= 0 for v in values):
+    raise _config_error(path, "layers_to_transform",
+                        f"expected a layer index or a list of them, got {value!r}")
+  return set(values)
 
 
 def _weights_path(directory: str | os.PathLike) -> tuple[str, str]:
@@ -435,20 +516,34 @@ def _load(path: str, header: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[
   return tensors
 
 
-def _modules(header: Mapping[str, tuple[str, tuple[int, ...]]], path: str
-             ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-  """`{module: (lora_A shape (r, in), lora_B shape (out, r))}` from the header, checking names,
-  dtypes and shapes."""
+def _modules(header: Mapping[str, tuple[str, tuple[int, ...]]], path: str,
+             saved_names: Sequence[str]
+             ) -> tuple[dict[str, tuple[tuple[int, ...], tuple[int, ...]]], dict[str, str]]:
+  """`({module: (lora_A shape (r, in), lora_B shape (out, r))}, {key: kind})` from the header,
+  checking names, dtypes and shapes. `lora_embedding_A/B` count as `lora_A/B` (same shapes and
+  transposes). The second dict holds the keys that are not factors: `"saved"` for a parameter of
+  a module in `saved_names` (PEFT's `modules_to_save`), `"embedding"` for an adapted module's
+  `base_layer.weight` (`save_embedding_layers=True`)."""
   parts: dict[str, dict[str, tuple[int, ...]]] = collections.defaultdict(dict)
+  others = {}
   for key, (dtype, shape) in header.items():
     found = _KEY.fullmatch(key)
-    if found is None:
-      raise ValueError(f"lj.import_peft: {path}: tensor {key!r} is not a LoRA factor "
-                       f"('{PREFIX}<module>.lora_A.weight' / '.lora_B.weight')")
     if dtype not in FLOAT_DTYPES:
       raise ValueError(f"lj.import_peft: {path}: tensor {key!r} has dtype {dtype}; LoRA factors "
                        f"are floating point ({', '.join(FLOAT_DTYPES)})")
-    parts[found[1]][found[2]] = shape
+    if found is None:
+      module = key[len(PREFIX):].rpartition(".")[0] if key.startswith(PREFIX) else ""
+      if key.endswith(_BASE_LAYER):
+        others[key] = "embedding"
+      elif module and any(module == m or module.endswith("." + m) for m in saved_names):
+        others[key] = "saved"
+      else:
+        saved = f"; modules_to_save is {list(saved_names)}" if saved_names else ""
+        raise ValueError(f"lj.import_peft: {path}: tensor {key!r} is not a LoRA factor "
+                         f"('{PREFIX}<module>.lora_A.weight' / '.lora_B.weight') nor a parameter "
+                         f"of a module in the config's modules_to_save{saved}")
+      continue
+    parts[found[1]][found[2] or found[3]] = shape
   out = {}
   for module, ab in parts.items():
     if set(ab) != {"A", "B"}:
@@ -458,7 +553,11 @@ def _modules(header: Mapping[str, tuple[str, tuple[int, ...]]], path: str
       raise ValueError(f"lj.import_peft: {PREFIX}{module}: lora_A {a} and lora_B {b} "
                        "are not (r, in) and (out, r)")
     out[module] = (a, b)
-  return out
+  for key, kind in others.items():
+    if kind == "embedding" and key[len(PREFIX):-len(_BASE_LAYER)] not in out:
+      raise ValueError(f"lj.import_peft: {path}: tensor {key!r}: a base layer of a module with "
+                       "no LoRA factors")
+  return out, others
 
 
 def _check_orientation(site: Site, a: tuple[int, ...], b: tuple[int, ...], module: str,
@@ -506,7 +605,11 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   PEFT's rank (from `lora_A`'s shape, checked against `r`/`rank_pattern`),
   `lora_alpha`/`alpha_pattern`, `use_rslora` and `lora_dropout`, so `scale` is PEFT's.
   `A = lora_A.T` and `B = lora_B.T` are un-flattened to `(*stack, *in, r)` and
-  `(*stack, r, *out)`.
+  `(*stack, r, *out)` (an `Embedding`'s `lora_embedding_A/B` likewise). Parameters of the config's
+  `modules_to_save` (`<module>.weight` -> the key map's kernel, transposed back to `(in, out)` for a
+  2-D `kernel`; `<module>.bias` -> its sibling `bias`) become `<leaf>_lora_full` copies, and a
+  `save_embedding_layers` table (`<module>.base_layer.weight`) replaces the base table, as PEFT
+  loads it. Stack layers left out by `layers_to_transform` get zero factors.
 
   Pass `apply_fn` and `args` (as for `lj.plan`) so each kernel's layout is read off its uses.
   They are needed for multi-axis kernels and stacks, and for any 2-D kernel whose orientation
@@ -542,8 +645,9 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   config_path, weights_path = _weights_path(directory)
   config = _read_config(config_path)
   header = _header(weights_path)
-  modules = _modules(header, weights_path)
+  modules, others = _modules(header, weights_path, config["modules_to_save"])
   leaves = {p: unbox(x) for p, x in flatten(base).items()}
+  saved = _saved_paths(others, key_map, leaves, weights_path)
   by_path: dict[str, dict[Index, str]] = collections.defaultdict(dict)
   for module in modules:
     found = key_map.from_peft(module)
@@ -578,12 +682,18 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
       rank_pattern={exact[p]: v for p, v in ranks.items() if v != r},
       alpha_pattern={exact[p]: v for p, v in alphas.items() if v != alpha},
       dropout=config["lora_dropout"], scaling="rslora" if config["use_rslora"] else "standard",
-      init=config["init"], layout_pattern=dict(layout_pattern or {}))
+      init=config["init"], layout_pattern=dict(layout_pattern or {}),
+      modules_to_save=tuple(sorted({module_of(p) for p in saved.values()})))
   plan = make_plan(lora_config, base, apply_fn, args, kwargs)
+  unsaved = sorted(set(plan.saved) - set(saved.values()))
+  if unsaved:
+    raise ValueError(f"lj.import_peft: {weights_path}: {unsaved[0]} is in a module of "
+                     f"modules_to_save, but the file has no tensor for it")
+  kept = config["layers_to_transform"]  # PEFT's layer index is the first stack index
 
   for site in plan.sites:
     layers = by_path[site.path]
-    missing = [i for i in _layers(site) if i not in layers]
+    missing = [i for i in _layers(site) if i not in layers and (kept is None or i[0] in kept)]
     extra = sorted(set(layers) - set(_layers(site)))
     if missing or extra:
       bad = missing or extra
@@ -592,6 +702,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
                        f"({site.layout.describe(site.shape)}): PEFT module {name!r} is "
                        f"{'missing' if missing else 'outside the stack'}")
     for index in _layers(site):
+      if index not in layers:
+        continue
       module = layers[index]
       a, b = modules[module]
       if lora_config.layout_for(site.path) is None:  # an override states the orientation
@@ -608,8 +720,14 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
     layers = by_path[site.path]
     a_layers, b_layers = [], []
     for index in _layers(site):
-      a = tensors[f"{PREFIX}{layers[index]}.lora_A.weight"]
-      b = tensors[f"{PREFIX}{layers[index]}.lora_B.weight"]
+      if index not in layers:  # left out by layers_to_transform: ΔW = 0 there, exactly
+        a_layers.append(np.zeros(site.a_shape[len(index):], np.float32))
+        b_layers.append(np.zeros(site.b_shape[len(index):], np.float32))
+        continue
+      key = f"{PREFIX}{layers[index]}"
+      embedding = f"{key}.lora_A.weight" not in tensors  # `_modules` checked one name is there
+      a = tensors[f"{key}.lora_embedding_A" if embedding else f"{key}.lora_A.weight"]
+      b = tensors[f"{key}.lora_embedding_B" if embedding else f"{key}.lora_B.weight"]
       a_layers.append(a.T.reshape(site.a_shape[len(index):]))
       b_layers.append(b.T.reshape(site.b_shape[len(index):]))
     loaded[site.path + LORA_A] = np.stack(a_layers).reshape(site.a_shape)
@@ -619,4 +737,50 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   dtype = lambda path: jnp.promote_types(unbox(kernels[path]).dtype, jnp.float32)  # as lj.attach
   factors = {s.path: (s.layout, jnp.asarray(loaded[s.path + LORA_A], dtype(s.path)),
                       jnp.asarray(loaded[s.path + LORA_B], dtype(s.path))) for s in plan.sites}
-  return put_factors(base, factors, "lj.import_peft"), plan
+  full = {}
+  for key, path in saved.items():
+    value = tensors[key]
+    if path.rpartition("/")[2] == "kernel" and value.ndim == 2:
+      value = value.T  # torch's (out, in) weight back to the (in, out) kernel
+    if value.shape != np.shape(unbox(kernels[path])):
+      raise ValueError(f"lj.import_peft: {key}: shape {tensors[key].shape} does not fit {path} of "
+                       f"shape {np.shape(unbox(kernels[path]))}")
+    full[path] = jnp.asarray(value, unbox(kernels[path]).dtype)
+  # `save_embedding_layers=True` stores the base table too; PEFT loads it into the base layer
+  tables = {}
+  for key, kind in others.items():
+    if kind == "embedding":
+      found = key_map.from_peft(key[len(PREFIX):-len(_BASE_LAYER)])
+      assert found is not None  # _modules checked it is an adapted module
+      if tensors[key].shape != np.shape(leaves[found[0]]):
+        raise ValueError(f"lj.import_peft: {key}: shape {tensors[key].shape} is not that of "
+                         f"{found[0]} {np.shape(leaves[found[0]])} (a resized vocabulary?)")
+      tables[found[0]] = jnp.asarray(tensors[key], leaves[found[0]].dtype)
+  if tables:
+    base = map_leaves(lambda p, x: with_value(x, tables[p]) if p in tables else x, base)
+  return put_factors(base, factors, "lj.import_peft", full), plan
+
+
+def _saved_paths(others: Mapping[str, str], key_map: KeyMap, leaves: Mapping[str, Any],
+                 where: str) -> dict[str, str]:
+  """`{PEFT key: leaf path}` for the `modules_to_save` tensors: the module's kernel is the path
+  the key map gives for the module, PEFT's `weight` is that kernel, other names are its siblings.
+
+  Raises:
+    ValueError: naming the key, for a module the key map cannot place or a leaf `base` lacks.
+  """
+  out = {}
+  for key, kind in others.items():
+    if kind != "saved":
+      continue
+    module, _, name = key[len(PREFIX):].rpartition(".")
+    found = key_map.from_peft(module)
+    if found is None or found[1]:
+      raise ValueError(f"lj.import_peft: {where}: tensor {key!r} (modules_to_save): the key map "
+                       f"maps {module!r} to {found}, not to one unstacked kernel")
+    path = found[0] if name == "weight" else f"{module_of(found[0])}/{name}"
+    if path not in leaves:
+      raise ValueError(f"lj.import_peft: {where}: tensor {key!r} (modules_to_save) maps to "
+                       f"{path!r}, which is not in `base`")
+    out[key] = path
+  return out

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from .adapters import lora_paths
-from .config import LoraConfig
+from .config import ALL_LINEAR, LoraConfig, module_of, names_module
 from .interpret import Apply, Traced, is_array, trace
 from .layout import Layout, Role
 from .sites import Plan, Site, Use
@@ -29,22 +29,79 @@ def _closest(pattern: str, paths: Sequence[str], n: int = 5) -> list[str]:
   return difflib.get_close_matches(pattern, paths, n=n, cutoff=0.0)
 
 
-def _select(config: LoraConfig, arrays: dict[str, Any]) -> list[str]:
+def _named_kernels(config: LoraConfig, arrays: dict[str, Any], traced: Traced | None) -> set[str]:
+  """The kernels of the modules a `target_modules` list names: their leaves with >= 2 axes that
+  the function uses as weights (a contraction, lookup or conv gives them in and out axes; a
+  scanned stack's `(L, F)` bias has 2 axes but no such use), or without `apply_fn` that are not
+  named `bias`. Every name must name a module that has one."""
+  if not isinstance(config.target_modules, tuple):
+    return set()
+  modules = sorted({module_of(p) for p in arrays})
+  out = set()
+  for i, name in enumerate(config.target_modules):
+    hits = [p for p in arrays if names_module(name, module_of(p))]
+    if not hits:
+      raise ValueError(f"LoraConfig.target_modules[{i}]: {name!r} names no module (a module path "
+                       f"equal to it or ending in '/{name}'). Closest modules: "
+                       f"{_closest(name, modules)}")
+    kernels = [p for p in hits if arrays[p].ndim >= 2 and (traced or not p.endswith("/bias"))]
+    if traced is not None and kernels:
+      found = traced.infer(kernels)
+      kernels = [p for i, p in enumerate(kernels) if found[i]]
+    if not kernels:
+      found = ", ".join(f"{p} {tuple(arrays[p].shape)}" for p in hits[:3])
+      raise ValueError(f"LoraConfig.target_modules[{i}]: {name!r} names modules with no kernel "
+                       f"(a leaf with at least an in and an out axis), only {found}")
+    out.update(kernels)
+  return out
+
+
+def _all_linear(config: LoraConfig, arrays: dict[str, Any], traced: Traced | None) -> set[str]:
+  """PEFT's `"all-linear"`: kernels whose every use is a `dot_general`, less the output head (the
+  kernel of the function's last weight use, which PEFT finds as `lm_head` or a classifier)."""
+  if traced is None:
+    raise ValueError("LoraConfig.target_modules='all-linear' needs `apply_fn=` (and `args=`) in "
+                     "lj.plan: which kernels are used as dense layers is read off the function")
+  candidates = [p for p, x in arrays.items() if x.ndim >= 2]
+  order: list[int] = []
+  found = traced.infer(candidates, order)
+  linear = {i for i, uses in found.items() if uses and all(u[0] == "dot_general" for u in uses)}
+  if order and order[-1] in linear:
+    linear.discard(order[-1])
+  return {candidates[i] for i in linear}
+
+
+def _select(config: LoraConfig, arrays: dict[str, Any], traced: Traced | None) -> list[str]:
   paths = list(arrays)
   for pattern in config.targets:
     if not any(re.fullmatch(pattern, p) for p in paths):
       raise ValueError(f"LoraConfig.targets: {pattern!r} matches no variable path "
                        f"(fullmatch). Closest paths: {_closest(pattern, paths)}")
-  selected = [p for p in paths if config.selects(p)]
+  for i, name in enumerate(config.modules_to_save):
+    if not any(names_module(name, m) for p in paths for m in _ancestors(p)):
+      raise ValueError(f"LoraConfig.modules_to_save[{i}]: {name!r} names no module. Closest "
+                       f"modules: {_closest(name, sorted({module_of(p) for p in paths}))}")
+  named = _named_kernels(config, arrays, traced)
+  if config.target_modules == ALL_LINEAR:
+    named |= _all_linear(config, arrays, traced)
+  excluded = lambda p: config.saves(p) or any(re.fullmatch(e, p) for e in config.exclude)
+  selected = [p for p in paths
+              if not excluded(p) and (p in named or any(re.fullmatch(t, p) for t in config.targets))]
   if not selected:
-    raise ValueError(f"LoraConfig: every path matched by targets {list(config.targets)} is "
-                     f"excluded by {list(config.exclude)}")
+    raise ValueError(f"LoraConfig: every path matched by targets {list(config.targets)} / "
+                     f"target_modules {config.target_modules!r} is excluded by "
+                     f"{list(config.exclude)} or modules_to_save {list(config.modules_to_save)}")
   for field, pairs in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
     for pattern, _ in pairs:
       if not any(re.fullmatch(pattern, p) for p in selected):
         raise ValueError(f"LoraConfig.{field}: {pattern!r} matches no selected kernel. "
                          f"Selected: {_closest(pattern, selected)}")
   return selected
+
+
+def _ancestors(path: str) -> list[str]:
+  parts = path.split("/")
+  return ["/".join(parts[:k]) for k in range(1, len(parts))]
 
 
 def _default_layout(path: str, shape: tuple[int, ...]) -> Layout:
@@ -106,20 +163,17 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
                      "plan on the base (`lj.strip(tree)`)")
   leaves = {p: unbox(x) for p, x in flatten(variables).items()}
   arrays = {p: x for p, x in leaves.items() if is_array(x)}
-  selected = _select(config, arrays)
   kwargs = dict(kwargs or {})
-
-  traced = None
-  if apply_fn is not None:
-    traced = trace(apply_fn, variables, args, kwargs)
-    found = traced.infer(selected)
-
+  traced = None if apply_fn is None else trace(apply_fn, variables, args, kwargs)
+  selected = _select(config, arrays, traced)
   for path in selected:
     if arrays[path].ndim < 2:
       raise ValueError(f"{path}: selected by LoraConfig.targets but it is a {arrays[path].ndim}-D "
                        f"array of shape {tuple(arrays[path].shape)}, not a kernel (LoRA adapts "
                        "weights with at least an in and an out axis); narrow the regex or add it "
                        "to `exclude`")
+  if traced is not None:
+    found = traced.infer(selected)
   sites, inferred = [], {}
   for i, path in enumerate(selected):
     shape = tuple(arrays[path].shape)
@@ -141,7 +195,8 @@ def plan(config: LoraConfig, variables: Any, apply_fn: Callable | None = None,
     sites.append(site)
 
   base_params = sum(math.prod(x.shape) for x in arrays.values())
-  result = Plan(tuple(sites), config, base_params)
+  saved = tuple(p for p in leaves if config.saves(p) and is_array(leaves[p]))
+  result = Plan(tuple(sites), config, base_params, saved)
   if traced is not None:
     result = _record_uses(result, traced)
     for s in result.sites:

@@ -104,11 +104,13 @@ def _legacy_use(text: str) -> Use:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """The resolved config: `sites` in tree order, the `config` they came from, and the number of
-  parameters in the base variables (for the summary line)."""
+  """The resolved config: `sites` in tree order, the `config` they came from, the number of
+  parameters in the base variables (for the summary line), and `saved`: the paths of the leaves
+  trained in full (`LoraConfig.modules_to_save`), in tree order."""
   sites: tuple[Site, ...]
   config: LoraConfig
   base_params: int
+  saved: tuple[str, ...] = ()
 
   @property
   def paths(self) -> tuple[str, ...]:
@@ -137,16 +139,22 @@ class Plan:
     summary = (f"{len(self.sites)} sites, {self.num_params:,} LoRA params = {pct:.3g}% of "
                f"{self.base_params:,} base params; scaling={self.config.scaling}, "
                f"dropout={self.config.dropout:g}, init={self.config.init}")
+    if self.saved:
+      summary += f"\ntrained in full (modules_to_save): {', '.join(self.saved)}"
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows), summary])
 
   def to_dict(self) -> dict[str, Any]:
-    return {"config": self.config.to_dict(), "base_params": self.base_params,
-            "sites": [s.to_dict() for s in self.sites]}
+    d = {"config": self.config.to_dict(), "base_params": self.base_params,
+         "sites": [s.to_dict() for s in self.sites]}
+    if self.saved:  # only when used, so plans without it serialise as before
+      d["saved"] = list(self.saved)
+    return d
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> Plan:
     sites = tuple(Site.from_dict(s) for s in d["sites"])
-    return cls(sites, LoraConfig.from_dict(d["config"]), int(d["base_params"]))
+    return cls(sites, LoraConfig.from_dict(d["config"]), int(d["base_params"]),
+               tuple(d.get("saved", ())))
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), sort_keys=True)

@@ -67,6 +67,7 @@ class Infer:
   def __init__(self, ndims: Sequence[int]):
     self.ndims = list(ndims)
     self.found: dict[int, list[tuple[str, dict[int, Role]]]] = {i: [] for i in range(len(ndims))}
+    self.order: list[int] = []  # the site of each found use, across sites (for `all-linear`)
 
   tracked_type = View
 
@@ -99,6 +100,7 @@ class Infer:
     if (roles is not None and len(roles) == self.ndims[view.site]
         and Role.IN in roles.values() and Role.OUT in roles.values()):
       self.found[view.site].append((primitive, roles))
+      self.order.append(view.site)
 
 
 def assign(view: View, groups: dict[Role, Sequence[int]]) -> dict[int, Role] | None:

@@ -37,9 +37,11 @@ class Traced:
   def index(self, path: str) -> int:
     return self.paths.index(path)
 
-  def infer(self, kernels: Sequence[str]) -> dict[int, list[tuple[str, dict[int, Role]]]]:
+  def infer(self, kernels: Sequence[str], order: list[int] | None = None
+            ) -> dict[int, list[tuple[str, dict[int, Role]]]]:
     """Run the infer halves with `kernels[i]` as site `i`: per site, `(primitive, roles)` of each
-    use that gives it a complete, consistent layout, in program order."""
+    use that gives it a complete, consistent layout, in program order. `order`, if given, is
+    extended with the site of every such use in program order across sites."""
     views: list[Any] = [None] * (len(self.values) + len(self.arg_values))
     ndims = []
     for i, path in enumerate(kernels):
@@ -48,6 +50,8 @@ class Traced:
       views[j] = View.of_kernel(i, ndims[-1])
     ctx = Infer(ndims)
     eval_jaxpr(self.jaxpr.jaxpr, ctx.consts(self.jaxpr), views, ctx)
+    if order is not None:
+      order.extend(ctx.order)
     return ctx.found
 
   def run(self, sites: Sequence[Site], factors: dict[str, tuple[Any, Any]], ctx: Apply,
