@@ -140,13 +140,15 @@ def _cut(piece, lo: int, hi: int, axis: int):
 
 
 def _take(parts: Parts, start: int, stop: int):
-  """The concatenation's `[start:stop]` along its axis: a piece (cut back out) or `Parts`."""
+  """The concatenation's `[start:stop]` along its axis: a piece (cut back out), `Parts`, or the
+  base array where no adapted piece is left."""
   pieces = [_cut(p, max(start, lo) - lo, min(stop, hi) - lo, parts.axis) if (lo, hi) != (
       max(start, lo), min(stop, hi)) else p
             for p, (lo, hi) in zip(parts.pieces, _offsets(parts)) if lo < stop and hi > start]
+  w = lax.slice_in_dim(parts.w, start, stop, axis=parts.axis)
   if len(pieces) == 1:
     return pieces[0]
-  return Parts(tuple(pieces), parts.axis, lax.slice_in_dim(parts.w, start, stop, axis=parts.axis))
+  return Parts(tuple(pieces), parts.axis, w) if any(isinstance(p, Tracked) for p in pieces) else w
 
 
 def _each(eqn, parts: Parts, ctx: Apply, axis: int, params=None) -> Parts:
