@@ -19,7 +19,9 @@ NAMES = ["mlp", "attention_block", "scan_remat", "cnn", "embed_tied", "einsum_mo
          "plain_transposed", "eqx_mlp", "eqx_attention", "namedtuple", "dataclass",
          # reach: per-layer / per-expert indexing, fused-kernel splits, size-1 axes
          "layers_loop", "layers_fori", "layers_while", "moe_experts", "fused_qkv", "size1_axes",
-         "moe_ragged", "nnx_remat_scan"]
+         "moe_ragged", "nnx_remat_scan",
+         # reach: kernels concatenated, a layer written into a stack, a shard_map body
+         "concat_qkv", "layer_write", "shard_map_mlp"]
 
 
 @functools.lru_cache(maxsize=None)

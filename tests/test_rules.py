@@ -545,6 +545,115 @@ def test_remat_returning_the_kernel_keeps_it_tracked():
   _check_grads(_remat_return, p, tree, (_x(3, 8),))
 
 
+# --- concatenate / stack -----------------------------------------------------------------------
+
+def _qkv(p, x):
+  # q and v adapted, k plain; the product with the fused kernel, slices that cut pieces back
+  # out (exactly, and across a boundary), and a slice along the other axis of every piece.
+  w = jnp.concatenate([p["q"], p["k"], p["v"]], axis=1)
+  q, k, v = jnp.split(w, [6, 11], axis=1)
+  return x @ w, (x @ q) * (x @ v)[:, :1] + jnp.sum(x @ k), x @ w[:, 3:9], x[:, 2:] @ w[2:, :].T.T
+
+
+def test_concatenate_along_the_out_axis_keeps_each_pieces_factors():
+  x = _x(3, 8)
+  _check(_qkv, _arrays(q=(8, 6), k=(8, 5), v=(8, 6)), (x,), {n: L((), (0,), (1,)) for n in "qv"},
+         {n: (LR("dot_general"),) for n in "qv"})
+
+
+def test_concatenate_along_the_in_axis_splits_the_activations():
+  fn = lambda p, x: jnp.concatenate([p["a"], p["b"]], axis=0).T @ x  # the kernel on the left
+  _check(fn, _arrays(a=(4, 6), b=(3, 6)), (_x(7, 3),), {n: L((), (0,), (1,)) for n in "ab"},
+         {n: (LR("dot_general"),) for n in "ab"})
+
+
+def _scan_concat(p, x):
+  # A layer stack joined from two adapted stacks and a plain one, then that stack joined with
+  # itself along the out axis (pieces that are each scanned along their own stack axis).
+  w = jnp.concatenate([p["s1"], p["s2"], p["plain"]], 0)
+  body = lambda h, ws: (h + jnp.tanh(h @ ws[0]) * jnp.tanh(h @ ws[1])[:, 4:], None)
+  return lax.scan(body, x, (w, jnp.concatenate([w, w], 2)))[0]
+
+
+def test_concatenate_along_a_stack_axis_joins_the_factors():
+  # Ranks and scales differ per stack (zero-padded ranks, scales folded into A): checked against
+  # the merged path, which forms each W + s_i·A_i·B_i on its own.
+  params, x = _arrays(s1=(2, 4, 4), s2=(2, 4, 4), plain=(1, 4, 4)), _x(2, 4)
+  config = lj.LoraConfig(targets="s1|s2", rank=2, alpha=3.0, rank_pattern={"s2": 1},
+                         alpha_pattern={"s2": 5.0})
+  p = lj.plan(config, params, _scan_concat, (x,))
+  assert {s.path: (s.layout, s.use) for s in p.sites} == {
+      n: (L((0,), (1,), (2,)), (LR("dot_general"),)) for n in ("s1", "s2")}
+  tree = _lora_tree(p, params)
+  unmerged, merged = _both(_scan_concat, p)(tree, x)
+  assert float(jnp.abs(merged - _scan_concat(params, x)).max()) > 1e-2
+  chex.assert_trees_all_close(unmerged, merged, **TOL)
+  _check_grads(_scan_concat, p, tree, (x,))
+
+
+def test_jnp_stack_of_layers_then_scan():
+  fn = lambda p, x: _scan_layers({"w": jnp.stack([p["a"], p["b"], p["c"]])}, x)
+  _check(fn, _arrays(a=(4, 4), b=(4, 4), c=(4, 4)), (_x(2, 4),),
+         {n: L((), (0,), (1,)) for n in "ac"}, {n: (LR("dot_general"),) for n in "ac"})
+
+
+def test_concatenate_then_reshape_across_its_axis_materialises():
+  fn = lambda p, x: jnp.einsum("bd,dhk->bhk", x, jnp.concatenate([p["q"], p["k"]], 1).reshape(8, 2, 6))
+  _check(fn, _arrays(q=(8, 6), k=(8, 6)), (_x(3, 8),), {n: L((), (0,), (1,)) for n in "qk"},
+         {n: (MAT("reshape", "reshape across the concatenated axis"),) for n in "qk"})
+
+
+# --- dynamic_update_slice ----------------------------------------------------------------------
+
+def _write_layer(p, x, i):
+  return _scan_layers({"w": lax.dynamic_update_index_in_dim(p["w"], p["new"], i, 0)}, x)
+
+
+def test_dynamic_update_slice_writes_a_layer_into_a_stack():
+  # Both adapted (at index 1, and 5: clamped to 2 as for W), then a plain layer written into
+  # the adapted stack (zero factors there). Gradients: the zoo's `layer_write` entry.
+  params, x = _arrays(w=(3, 4, 4), new=(4, 4)), _x(2, 4)
+  layouts = {"w": L((0,), (1,), (2,)), "new": L((), (0,), (1,))}
+  _check(_write_layer, params, (x, jnp.int32(1)), layouts, {n: (LR("dot_general"),) for n in layouts},
+         more_args=[(x, jnp.int32(5))])
+  _check(_write_layer, params, (x, jnp.int32(0)), {"w": layouts["w"]}, {"w": (LR("dot_general"),)})
+
+
+def test_dynamic_update_slice_into_part_of_a_layer_materialises():
+  fn = lambda p, x: _scan_layers({"w": lax.dynamic_update_slice(p["w"], p["new"][None], (1, 0, 2))}, x)
+  why = "dynamic_update_slice of part of a layer's in/out axes"
+  _check(fn, _arrays(w=(3, 4, 4), new=(4, 2)), (_x(2, 4),),
+         {"w": L((0,), (1,), (2,)), "new": L((), (0,), (1,))},
+         {n: (MAT("dynamic_update_slice", why),) for n in ("w", "new")})
+
+
+# --- shard_map ---------------------------------------------------------------------------------
+# One device here (the factor in-specs on 8 devices are checked by tests/test_sharding.py).
+
+def _mesh():
+  return jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
+
+
+def _tp_mlp(p, x):
+  body = lambda x, w1, w2: lax.psum(jnp.tanh(x @ w1) @ w2, "model")
+  P = jax.sharding.PartitionSpec
+  return jax.shard_map(body, mesh=_mesh(), in_specs=(P(), P(None, "model"), P("model", None)),
+                       out_specs=P())(x, p["w1"], p["w2"])
+
+
+def test_shard_map_body_keeps_kernels_low_rank():
+  # Gradients: the zoo's `shard_map_mlp` entry.
+  _check(_tp_mlp, _arrays(w1=(8, 16), w2=(16, 8)), (_x(4, 8),), {n: L((), (0,), (1,)) for n in ("w1", "w2")},
+         {n: (LR("dot_general"),) for n in ("w1", "w2")})
+
+
+def test_shard_map_returning_a_kernel_materialises_it():
+  P = jax.sharding.PartitionSpec
+  fn = lambda p, x: x @ jax.shard_map(lambda w: w, mesh=_mesh(), in_specs=P(), out_specs=P())(p["w"])
+  _check(fn, _arrays(w=(8, 16)), (_x(3, 8),), {"w": L((), (0,), (1,))},
+         {"w": (MAT("shard_map", "shard_map output"),)})
+
+
 # --- property: random einsum specs with one kernel operand -------------------------------------
 
 @st.composite

@@ -73,6 +73,11 @@ A_SHAPES = {"mlp/w1": (40, RANK), "mlp/w2": (72, RANK), "stack/up": (3, 40, RANK
             "stack/down": (3, 56, RANK), "attn/q": (40, RANK), "attn/o": (8, 24, RANK)}
 B_SHAPES = {"mlp/w1": (RANK, 72), "mlp/w2": (RANK, 40), "stack/up": (3, RANK, 56),
             "stack/down": (3, RANK, 40), "attn/q": (RANK, 8, 24), "attn/o": (RANK, 40)}
+# The shard_map scenario: the MLP kernels column- / row-parallel over one 8-way "model" axis; the
+# factors enter the body as x, then (W, A, B) per kernel: A takes W's in entries, B its out
+# entries, rank replicated (W1 in=(0) out=(1), W2 likewise).
+SHARD_MAP_SPECS = {"w1": (N, "model"), "w2": ("model", N)}
+SHARD_MAP_IN_SPECS = [[], [N, "model"], [N, N], [N, "model"], ["model", N], ["model", N], [N, N]]
 CONTROL_SCENARIO = "2d"  # where the HLO detector's negative control runs
 CONTROL_SHAPE = (16, 24)  # the transfer-guard control array (a shape used nowhere else)
 
@@ -123,7 +128,8 @@ def _probe() -> None:
   import jax.numpy as jnp
   import numpy as np
   import optax
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   import lora_jax as lj
   from lora_jax._src.tree import flatten
@@ -228,6 +234,8 @@ def _probe() -> None:
         "loss_rel_err": abs(loss_value - ref_loss) / abs(ref_loss),
     }
 
+  report["shard_map"] = _probe_shard_map(host["mlp"], x, y, bump)
+
   # Control for the transfer log: a factor drawn on one device, then moved onto the mesh.
   mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
   print("### control", file=sys.stderr, flush=True)
@@ -236,6 +244,52 @@ def _probe() -> None:
     jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P("data", N)))(one).block_until_ready()
   print("### end control", file=sys.stderr, flush=True)
   print(json.dumps(report))
+
+
+def _probe_shard_map(host: dict, x, y, bump: dict) -> dict[str, Any]:
+  """A tensor-parallel MLP written with `jax.shard_map` (column-parallel W1, row-parallel W2,
+  `psum`) on 8 devices: plan uses, the in-specs the factors enter the body with, collectives of
+  the compiled step, and unmerged vs merged loss and A/B gradients (B moved off zero)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import lora_jax as lj
+  from lora_jax._src.tree import flatten
+
+  mesh = Mesh(np.array(jax.devices()), ("model",))
+
+  def fn(v, x):
+    body = lambda x, w1, w2: jax.lax.psum(jnp.tanh(x @ w1) @ w2, "model")
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), *(P(*s) for s in SHARD_MAP_SPECS.values())),
+                         out_specs=P())(x, v["w1"], v["w2"])
+
+  plan = lj.plan(lj.LoraConfig(targets="w1|w2", rank=RANK), host, apply_fn=fn, args=(x,))
+  base = {k: jax.device_put(v, NamedSharding(mesh, P(*SHARD_MAP_SPECS[k]))) for k, v in host.items()}
+  adapters, base = lj.split(lj.attach(plan, base, jax.random.key(1)))
+  adapters = jax.tree_util.tree_map_with_path(lambda p, v: v if "lora_a" in str(p[-1]) else (
+      jax.device_put(np.asarray(v) + bump[v.shape], v.sharding)), adapters)
+
+  def loss(apply):
+    return lambda ad: jnp.mean((apply(fn, plan)(lj.combine(base, ad), x) - y) ** 2)
+
+  step = jax.jit(jax.value_and_grad(loss(lj.unmerged))).lower(adapters).compile()
+  value, grads = step(adapters)
+  ref_value, ref_grads = jax.jit(jax.value_and_grad(loss(lj.merged)))(adapters)
+  inner = [e for e in jax.make_jaxpr(lambda ad: lj.unmerged(fn, plan)(lj.combine(base, ad), x))(
+      adapters).jaxpr.eqns if e.primitive.name == "shard_map"]
+  g, rg = flatten(grads), flatten(ref_grads)
+  rel = lambda a, b: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+  return {
+      "uses": {s.path: [str(u) for u in s.use] for s in plan.sites},
+      "in_specs": [[_listify(tuple(spec)) for spec in e.params["in_specs"]] for e in inner],
+      "collectives": collectives(step.as_text()),
+      "loss_rel_err": abs(float(value) - float(ref_value)) / abs(float(ref_value)),
+      "grad_rel_err": {p: rel(np.asarray(g[p]), np.asarray(rg[p])) for p in rg},
+      "grad_max_abs": {p: float(np.max(np.abs(np.asarray(rg[p])))) for p in rg},
+  }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,6 +358,14 @@ def test_attach_places_factors_like_sharded_kernels_and_no_step_gathers_a_kernel
   # The HLO detector does flag the gather that a replicated-kernel constraint forces in the step.
   control = report["scenarios"][CONTROL_SCENARIO]["control_collectives"]
   assert ["all-gather", [40, 72]] in control and kernel_sized((40, 72)), control
+  # shard_map: the kernels stay low-rank inside the body, their factors enter it sharded like
+  # them, no kernel is gathered, and loss and A/B gradients match the merged path.
+  sm = report["shard_map"]
+  assert sm["uses"] == {"w1": ["dot_general"], "w2": ["dot_general"]}, sm["uses"]
+  assert sm["in_specs"] == [SHARD_MAP_IN_SPECS], sm["in_specs"]
+  assert not [c for c in sm["collectives"] if kernel_sized(tuple(c[1]))], sm["collectives"]
+  assert min(sm["grad_max_abs"].values()) > 1e-4 and len(sm["grad_max_abs"]) == 4, sm["grad_max_abs"]
+  assert sm["loss_rel_err"] < 1e-5 and max(sm["grad_rel_err"].values()) < 1e-5, sm
   # The transfer log does catch a factor created on one device and then moved onto the mesh.
   assert ("device-to-device", "float32", CONTROL_SHAPE) in transfers["control"], transfers["control"]
 

@@ -1,4 +1,4 @@
-"""The model zoo every apply-path test runs on: eight ways a kernel is stored and used.
+"""The model zoo every apply-path test runs on: the ways a kernel is stored and used.
 
 Each entry gives base variables, the function to adapt (`fn(variables, x)`), an input, the
 config targets and, for the FLOP bound, how many rows pass through each adapted kernel. Shapes are
@@ -16,6 +16,7 @@ import equinox as eqx
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 RANK = 2
@@ -238,6 +239,31 @@ class NNXRematScan(nnx.Module):
     return nnx.remat(lambda m, x: m(x))(self.head, step(x, self.blocks))
 
 
+def concat_qkv_fn(p, x):
+  """Separately stored q, k, v `(D, D)` (adapted) and a gate `(D, D)` (not adapted) concatenated
+  into one `(D, 4·D)` projection, split back after the matmul."""
+  fused = x @ jnp.concatenate([p["q"], p["k"], p["v"], p["gate"]], axis=1)
+  q, k, v, g = jnp.split(fused, 4, axis=1)
+  return jax.nn.softmax(q @ k.T / 4.0) @ v * jax.nn.sigmoid(g)
+
+
+def layer_write_fn(p, x):
+  """A layer stack `(L, D, D)` rebuilt by writing a separately stored layer into it
+  (`lax.dynamic_update_index_in_dim`), then scanned."""
+  stack = jax.lax.dynamic_update_index_in_dim(p["w"], p["new"], 1, 0)
+  return jax.lax.scan(lambda h, w: (h + jnp.tanh(h @ w), None), x, stack)[0]
+
+
+def shard_map_mlp_fn(p, x):
+  """A tensor-parallel MLP in `jax.shard_map`: column-parallel W1, row-parallel W2 and a `psum`
+  (a one-device mesh here; tests/test_sharding.py runs it on eight)."""
+  P = jax.sharding.PartitionSpec
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
+  body = lambda x, w1, w2: jax.lax.psum(jnp.tanh(x @ w1) @ w2, "model")
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(None, "model"), P("model", None)),
+                       out_specs=P())(x, p["w1"], p["w2"])
+
+
 def _linen(name, module, x, targets, n_sites, rows):
   variables = module.init(jax.random.key(0), x)
   return Entry(name, variables, module.apply, x, targets, n_sites, rows)
@@ -289,6 +315,13 @@ def build() -> list[Entry]:
   entries.append(Entry("size1_axes", size1, size1_axes_fn, xs, "one|w", 2, 4))
   entries.append(Entry("moe_ragged", {k: v for k, v in moe.items() if k != "router"}, moe_ragged_fn, xs,
                        "gate|up|down", 3, 4, ragged_groups=GROUPS))
+  c = jax.random.split(jax.random.key(13), 8)
+  qkv = {n: jax.random.normal(c[i], (32, 32)) * 0.2 for i, n in enumerate(("q", "k", "v", "gate"))}
+  entries.append(Entry("concat_qkv", qkv, concat_qkv_fn, xs, "q|k|v", 3, 4))
+  entries.append(Entry("layer_write", {"w": stack["w"], "new": jax.random.normal(c[4], (32, 32)) * 0.2},
+                       layer_write_fn, xs, "w|new", 2, 4))
+  mlp_tp = {"w1": jax.random.normal(c[5], (32, 48)) * 0.2, "w2": jax.random.normal(c[6], (48, 32)) * 0.2}
+  entries.append(Entry("shard_map_mlp", mlp_tp, shard_map_mlp_fn, xs, "w1|w2", 2, 4))
   nnx_graph, nnx_state = nnx.split(NNXRematScan(nnx.Rngs(3)))
   entries.append(Entry("nnx_remat_scan", nnx_state, lambda s, x: nnx.merge(nnx_graph, s)(x), xs,
                        r".*/kernel", 2, 4))

@@ -1,6 +1,6 @@
 """The jaxpr interpreter behind `lj.plan` (layout inference, uses) and `lj.unmerged`."""
 
-from . import contract, control, indexing, layout_ops  # noqa: F401  (register their rules)
+from . import concat, contract, control, indexing, layout_ops  # noqa: F401  (register their rules)
 from .core import RULES, Apply, Infer, Use, eval_jaxpr, materialize
 from .trace import Traced, is_array, trace
 from .values import Tracked, View

@@ -51,21 +51,36 @@ def _dot_general(eqn, invals, ctx: Apply):
     lhs = materialize(lhs, ctx, "dot_general of two kernels", "dot_general")
   kernel_is_rhs = isinstance(rhs, Tracked)
   x, t = (lhs, rhs) if kernel_is_rhs else (rhs, lhs)
-  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  xc, kc, xb, kb = (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
-  if set(kc) == set(t.view_axes(IN)):
-    first = IN
-  elif set(kc) == set(t.view_axes(OUT)):
-    first = OUT
-  else:
-    first = None
-  if first is None:
-    return materialize_all(eqn, [lhs, rhs], ctx, "dot_general contracting in and out axes together")
-  if any(t.axes[j][0] is not STACK for j in kb):
-    return materialize_all(eqn, [lhs, rhs], ctx, "dot_general batching a non-stack axis")
-  ctx.low_rank(t, "dot_general")
+  xc, kc, xb, kb = dot_axes(eqn, kernel_is_rhs)
+  first = dot_first(t, kc, kb)
+  if isinstance(first, str):
+    return materialize_all(eqn, [lhs, rhs], ctx, first)
   base = bind(eqn, [x, t.w] if kernel_is_rhs else [t.w, x])[0]
+  return [base + dot_low_rank(eqn, x, t, kernel_is_rhs, first, ctx).astype(base.dtype)]
 
+
+def dot_axes(eqn, kernel_is_rhs: bool) -> tuple:
+  """`(x's contracted, kernel's contracted, x's batch, kernel's batch)` axes of a dot_general."""
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  return (lc, rc, lb, rb) if kernel_is_rhs else (rc, lc, rb, lb)
+
+
+def dot_first(t: Tracked, kc, kb) -> Role | str:
+  """The factor the activations meet first (IN: `(x·A)·B`, OUT: `(x·Bᵀ)·Aᵀ`) when the kernel's
+  contracted axes `kc` and batch axes `kb` allow a low-rank term, else why not."""
+  first = IN if set(kc) == set(t.view_axes(IN)) else OUT if set(kc) == set(t.view_axes(OUT)) else None
+  if first is None:
+    return "dot_general contracting in and out axes together"
+  if any(t.axes[j][0] is not STACK for j in kb):
+    return "dot_general batching a non-stack axis"
+  return first
+
+
+def dot_low_rank(eqn, x, t: Tracked, kernel_is_rhs: bool, first: Role, ctx: Apply):
+  """`scale·(drop(x)·A)·B` (or `·Bᵀ)·Aᵀ`) laid out like the dot_general's output; records the
+  low-rank use."""
+  ctx.low_rank(t, "dot_general")
+  xc, kc, xb, kb = dot_axes(eqn, kernel_is_rhs)
   opts = dict(precision=eqn.params.get("precision"),
               preferred_element_type=eqn.params.get("preferred_element_type"))
   x = ctx.drop(x)
@@ -74,7 +89,7 @@ def _dot_general(eqn, invals, ctx: Apply):
     y = _low_rank_2d(x, t, xc, kc, first, opts)
   if y is None:
     y = _low_rank_einsum(x, t, xc, kc, xb, kb, kernel_is_rhs, first, opts)
-  return [base + y.astype(base.dtype)]
+  return y
 
 
 def _low_rank_2d(x, t: Tracked, xc, kc, first: Role, opts):

@@ -5,7 +5,14 @@ primal body is evaluated, so gradients flow through that body rather than the cu
 remat is re-emitted with `jax.checkpoint` (same policy; tracked values, outputs included, cross
 the boundary as packed `w, a, b`), `scan` with `lax.scan` (a stacked kernel's `A`/`B` are scanned
 alongside it), `cond`/`switch` with `lax.switch` and `while` with `lax.while_loop` (kernels
-closed over as loop constants stay tracked). Any other primitive carrying a sub-jaxpr is walked
+closed over as loop constants stay tracked). `shard_map` is re-emitted with `jax.shard_map` (same
+mesh, specs, manual axes and `check_vma`): a kernel passed in enters with its factors, each
+given the kernel's in-spec carried over to its axes as `lj.attach` places factors
+(`Layout.factor_axes`: `A` the kernel's entries for its stack and in axes, `B` for its stack and
+out axes, the rank axis replicated), so inside the body each device holds the factor blocks
+that match its block of `W` and the low-rank terms are computed per shard (a row-parallel
+kernel's partial `x_s·A_s·B` terms are summed by the body's own `psum`, like its base term). A
+kernel returned by the body is materialised. Any other primitive carrying a sub-jaxpr is walked
 for layout inference and materialises its kernels when applied (`core.Infer.fallback`).
 """
 
@@ -15,10 +22,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as P
+from jax.sharding import PartitionSpec
 
-from ..layout import Role
-from .core import Apply, Infer, applies, assign, eval_jaxpr, infers, materialize, pack, unpack
-from .values import Tracked, View
+from ..layout import Layout, Role
+from .core import (
+  Apply,
+  Infer,
+  applies,
+  applies_to_parts,
+  assign,
+  eval_jaxpr,
+  infers,
+  materialize,
+  pack,
+  primitive_of,
+  unpack,
+)
+from .values import Parts, Tracked, View
 
 _INLINE = {P.jit_p: "jaxpr", P.closed_call_p: "call_jaxpr", P.custom_jvp_call_p: "call_jaxpr",
            P.custom_vjp_call_p: "call_jaxpr"}
@@ -30,6 +50,7 @@ def _concrete(outs, ctx: Apply, why: str, primitive: str) -> list:
 
 @infers(*_INLINE)
 @applies(*_INLINE)
+@applies_to_parts(*_INLINE)
 def _inline(eqn, invals, ctx):
   closed = eqn.params[_INLINE[eqn.primitive]]
   return eval_jaxpr(closed.jaxpr, ctx.consts(closed), invals, ctx)
@@ -41,6 +62,7 @@ def _remat_infer(eqn, views, ctx: Infer):
 
 
 @applies(P.remat_p)
+@applies_to_parts(P.remat_p)
 def _remat(eqn, invals, ctx: Apply):
   flat, specs = pack(invals)
   out_specs: list = []
@@ -72,6 +94,7 @@ def _scan_infer(eqn, views, ctx: Infer):
 
 
 @applies(P.scan_p)
+@applies_to_parts(P.scan_p)
 def _scan(eqn, invals, ctx: Apply):
   p = eqn.params
   n_consts, n_carry = p["num_consts"], p["num_carry"]
@@ -81,12 +104,19 @@ def _scan(eqn, invals, ctx: Apply):
   # A stacked kernel enters as a scanned input: scan its A and B along the same stack axis.
   outer, inner = [], []
   for x in xs:
-    role, k = x.axes[0] if isinstance(x, Tracked) else (None, 0)
-    if isinstance(x, Tracked) and role is not Role.STACK:
+    pieces = x.tracked() if isinstance(x, Parts) else [x] if isinstance(x, Tracked) else []
+    if isinstance(x, Parts) and x.axis == 0:
+      x = materialize(x, ctx, "scan over the concatenated axis", "scan")
+    elif any(t.axes[0][0] is not Role.STACK for t in pieces):
       x = materialize(x, ctx, "scan over a non-stack axis", "scan")
-    if isinstance(x, Tracked):
-      outer.append(x.replace(a=jnp.moveaxis(x.a, k, 0), b=jnp.moveaxis(x.b, k, 0)))
-      inner.append(x.replace(axes=tuple((r, j - (r is Role.STACK and j > k)) for r, j in x.axes[1:])))
+    if isinstance(x, Parts):  # each piece scanned along its own stack axis
+      scanned = [_scanned(t) if isinstance(t, Tracked) else (t, None) for t in x.pieces]
+      outer.append(x.replace(pieces=tuple(o for o, _ in scanned)))
+      inner.append(x.replace(pieces=tuple(i for _, i in scanned), axis=x.axis - 1))
+    elif isinstance(x, Tracked):
+      o, i = _scanned(x)
+      outer.append(o)
+      inner.append(i)
     else:
       outer.append(x)
       inner.append(None)
@@ -101,12 +131,21 @@ def _scan(eqn, invals, ctx: Apply):
     vals = [*consts, *carry, *unpack(inner, xs_step)]
     outs = eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts, vals, ctx.child(step_key))
     # A kernel stacked as an output (nnx.scan hands the layers' state back) stays tracked.
-    ys_flat, ys_specs[:] = pack(outs[n_carry:])
+    ys_flat, ys_specs[:] = pack([materialize(y, ctx, "scan output", "scan") if isinstance(y, Parts)
+                                 else y for y in outs[n_carry:]])
     return _concrete(outs[:n_carry], ctx, "scan carry", "scan"), ys_flat
 
   carry, ys_flat = lax.scan(body, init, (keys, xs_flat), length=p["length"], reverse=p["reverse"],
                             unroll=p["unroll"])
   return [*carry, *unpack([_stacked(s) for s in ys_specs], ys_flat)]
+
+
+def _scanned(x: Tracked) -> tuple[Tracked, Tracked]:
+  """A kernel scanned along its first view axis (a stack axis): its value outside the scan, with
+  that stack axis moved to the front of A and B, and its per-step spec inside."""
+  k = x.axes[0][1]
+  return (x.replace(a=jnp.moveaxis(x.a, k, 0), b=jnp.moveaxis(x.b, k, 0)),
+          x.replace(axes=tuple((r, j - (r is Role.STACK and j > k)) for r, j in x.axes[1:])))
 
 
 def _stacked(spec: Tracked | None) -> Tracked | None:
@@ -125,6 +164,7 @@ def _cond_infer(eqn, views, ctx: Infer):
 
 
 @applies(P.cond_p)
+@applies_to_parts(P.cond_p)
 def _cond(eqn, invals, ctx: Apply):
   index, *operands = invals
   flat, specs = pack(operands)
@@ -152,6 +192,7 @@ def _while_infer(eqn, views, ctx: Infer):
 
 
 @applies(P.while_p)
+@applies_to_parts(P.while_p)
 def _while(eqn, invals, ctx: Apply):
   cond_consts, body_consts, carry = _while_parts(eqn, invals)
   carry = _concrete(carry, ctx, "while carry", "while")
@@ -169,3 +210,47 @@ def _while(eqn, invals, ctx: Apply):
     return key, _concrete(outs, ctx, "while carry", "while")
 
   return list(lax.while_loop(cond_fn, body_fn, (ctx.next_key(), list(carry)))[1])
+
+
+def _shard_map_probe(x):
+  mesh = jax.sharding.AbstractMesh((1,), ("i",))  # abstract: finding the primitive needs no devices
+  return jax.shard_map(lambda y: y, mesh=mesh, in_specs=PartitionSpec(), out_specs=PartitionSpec())(x)
+
+
+_shard_map_p = primitive_of(_shard_map_probe, jax.ShapeDtypeStruct((1,), jnp.float32))
+
+
+@infers(_shard_map_p)
+def _shard_map_infer(eqn, views, ctx: Infer):
+  return eval_jaxpr(eqn.params["jaxpr"], (), views, ctx)
+
+
+def _factor_specs(t: Tracked, spec: PartitionSpec) -> tuple[PartitionSpec, PartitionSpec]:
+  """The in-specs of a kernel's `A` and `B` from the kernel's (view's) in-spec `spec`."""
+  per_axis = (*spec, *(None,) * (t.w.ndim - len(spec)))
+  layout = Layout(*(tuple(t.view_axes(role)) for role in (Role.STACK, Role.IN, Role.OUT)))
+  a_spec, b_spec = layout.factor_axes(per_axis)
+  return PartitionSpec(*a_spec), PartitionSpec(*b_spec)
+
+
+@applies(_shard_map_p)
+def _shard_map(eqn, invals, ctx: Apply):
+  p = eqn.params
+  flat, specs = pack(invals)
+  in_specs: list = []
+  for x, spec in zip(invals, p["in_specs"]):
+    in_specs.extend([spec, *_factor_specs(x, spec)] if isinstance(x, Tracked) else [spec])
+  # One dropout key for every shard: a replicated activation then gets the same mask on every
+  # device, as it would unsharded.
+  key = ctx.next_key()
+  keys = [] if key is None else [key]
+
+  def body(*args):
+    outs = eval_jaxpr(p["jaxpr"], (), unpack(specs, args[len(keys):]),
+                      ctx.child(args[0] if keys else None))
+    return tuple(_concrete(outs, ctx, "shard_map output", "shard_map"))
+
+  fn = jax.shard_map(body, mesh=p["mesh"], in_specs=(*[PartitionSpec()] * len(keys), *in_specs),
+                     out_specs=p["out_specs"], axis_names=p.get("newly_manual_axes", frozenset()),
+                     check_vma=p["check_vma"])
+  return list(fn(*keys, *flat))

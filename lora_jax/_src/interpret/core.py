@@ -9,7 +9,9 @@ with an `Apply` context under `jax.eval_shape` (to record each use), and `lj.unm
 
 Equations without a tracked input are re-bound unchanged. A tracked input to a primitive with no
 `apply` half gets `W + ΔW` for that use only, recorded in the plan; with no `infer` half the use
-says nothing about the layout.
+says nothing about the layout. A concatenation of kernels (`Parts`, interpret/concat.py) goes to
+a rule's `parts` half; inferring, each piece's view goes through the `infer` half on its own;
+applying a primitive with no `parts` half, the concatenation is materialised for that use.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from jax.extend import core as jex
 
 from ..layout import Role
 from ..sites import Use
-from .values import Tracked, View
+from .values import Parts, Tracked, View
 
 InferHalf = Callable[[Any, list, "Infer"], list]
 ApplyHalf = Callable[[Any, list, "Apply"], list]
@@ -34,6 +36,7 @@ ApplyHalf = Callable[[Any, list, "Apply"], list]
 class Rule:
   infer: InferHalf | None = None
   apply: ApplyHalf | None = None
+  parts: ApplyHalf | None = None  # apply half for inputs that are concatenated kernels (`Parts`)
 
 
 RULES: dict[Any, Rule] = {}
@@ -58,6 +61,11 @@ def infers(*primitives: Any) -> Callable[[Half], Half]:
 def applies(*primitives: Any) -> Callable[[Half], Half]:
   """Register `fn` as the apply half of the rule for `primitives`."""
   return _registrar("apply", primitives)
+
+
+def applies_to_parts(*primitives: Any) -> Callable[[Half], Half]:
+  """Register `fn` as the apply half for `primitives` when an input is a `Parts` value."""
+  return _registrar("parts", primitives)
 
 
 class Infer:
@@ -89,6 +97,23 @@ class Infer:
 
   def half(self, rule: Rule) -> Any:
     return rule.infer
+
+  def on_parts(self, eqn, invals) -> list:
+    """Each piece's view through the equation on its own (other concatenations left out); an
+    output is the view, or the `Parts` of the views, that the runs give it."""
+    found: list[list] = [[] for _ in eqn.outvars]
+    for i, x in enumerate(invals):
+      if not isinstance(x, Parts):
+        continue
+      for piece in x.pieces:
+        if piece is None:
+          continue
+        vals = [piece if j == i else None if isinstance(y, Parts) else y for j, y in enumerate(invals)]
+        for o, out in enumerate(dispatch(eqn, vals, self)):
+          for v in out.pieces if isinstance(out, Parts) else [out]:
+            if isinstance(v, View) and v not in found[o]:
+              found[o].append(v)
+    return [None if not vs else vs[0] if len(vs) == 1 else Parts(tuple(vs), -1) for vs in found]
 
   def consts(self, closed) -> list:
     return [None] * len(closed.consts)
@@ -136,12 +161,20 @@ class Apply:
   def half(self, rule: Rule) -> Any:
     return rule.apply
 
+  def on_parts(self, eqn, invals) -> list:
+    rule = RULES.get(eqn.primitive)
+    if rule is not None and rule.parts is not None:
+      return rule.parts(eqn, invals, self)
+    return dispatch(eqn, materialize_parts(invals, self, f"no rule for {eqn.primitive.name} on "
+                                           "concatenated kernels", eqn.primitive.name), self)
+
   def consts(self, closed) -> list:
     return list(closed.consts)
 
-  def record(self, site: int, use: Use) -> None:
+  def record(self, site: int | tuple[int, ...], use: Use) -> None:
     if self._record is not None:
-      self._record(site, use)
+      for s in site if isinstance(site, tuple) else (site,):
+        self._record(s, use)
 
   def low_rank(self, t: Tracked, primitive: str) -> None:
     self.record(t.site, Use("low_rank", primitive))
@@ -179,17 +212,22 @@ def eval_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], ctx: Context) 
   env.update(zip(jaxpr.constvars, consts))
   env.update(zip(jaxpr.invars, args))
   for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    if any(isinstance(x, ctx.tracked_type) for x in invals):
-      rule = RULES.get(eqn.primitive)
-      half = ctx.half(rule) if rule is not None else None
-      outs = half(eqn, invals, ctx) if half is not None else ctx.fallback(eqn, invals)
-    else:
-      outs = ctx.plain(eqn, invals)
+    outs = dispatch(eqn, [read(v) for v in eqn.invars], ctx)
     for v, x in zip(eqn.outvars, outs):
       if not isinstance(v, jex.DropVar):
         env[v] = x
   return [read(v) for v in jaxpr.outvars]
+
+
+def dispatch(eqn, invals: list, ctx: Context) -> list:
+  """One equation in `ctx`'s mode: its rule's half for tracked inputs, else re-bound as is."""
+  if any(isinstance(x, Parts) for x in invals):
+    return ctx.on_parts(eqn, invals)
+  if any(isinstance(x, ctx.tracked_type) for x in invals):
+    rule = RULES.get(eqn.primitive)
+    half = ctx.half(rule) if rule is not None else None
+    return half(eqn, invals, ctx) if half is not None else ctx.fallback(eqn, invals)
+  return ctx.plain(eqn, invals)
 
 
 def primitive_of(fn: Callable, *args: Any) -> Any:
@@ -209,11 +247,18 @@ def bind(eqn, invals: Sequence[Any]) -> list:
 
 
 def materialize(x: Any, ctx: Apply, why: str, primitive: str = "") -> Any:
-  """`W + ΔW` for a tracked value (recording why), anything else unchanged."""
-  if isinstance(x, Tracked):
-    ctx.record(x.site, Use("materialised", primitive or why, why))
+  """`W + ΔW` for a tracked value or a concatenation of them (recording why), anything else
+  unchanged."""
+  if isinstance(x, (Tracked, Parts)):
+    for t in x.tracked() if isinstance(x, Parts) else [x]:
+      ctx.record(t.site, Use("materialised", primitive or why, why))
     return x.materialize()
   return x
+
+
+def materialize_parts(invals: list, ctx: Apply, why: str, primitive: str) -> list:
+  """`invals` with each concatenation of kernels materialised (tracked kernels left as they are)."""
+  return [materialize(x, ctx, why, primitive) if isinstance(x, Parts) else x for x in invals]
 
 
 def materialize_all(eqn, invals: list, ctx: Apply, why: str = "") -> list:
@@ -225,21 +270,32 @@ def materialize_all(eqn, invals: list, ctx: Apply, why: str = "") -> list:
 # --- packing Tracked values into flat arrays, to cross jax.checkpoint / lax.scan boundaries ---
 
 def pack(values: Sequence[Any]) -> tuple[list, list]:
-  """Flatten values to arrays (a tracked value becomes `w, a, b`); returns arrays and specs."""
+  """Flatten values to arrays (a tracked value becomes `w, a, b`, a concatenation its `w` then
+  its pieces'); returns arrays and specs."""
   flat, specs = [], []
   for x in values:
     if isinstance(x, Tracked):
       specs.append(x)
       flat.extend((x.w, x.a, x.b))
+    elif isinstance(x, Parts):
+      pieces, piece_specs = pack(x.pieces)
+      specs.append(x.replace(pieces=tuple(piece_specs)))
+      flat.extend([x.w, *pieces])
     else:
       specs.append(None)
       flat.append(x)
   return flat, specs
 
 
-def unpack(specs: Sequence[Tracked | None], arrays: Sequence[Any]) -> list:
+def unpack(specs: Sequence[Tracked | Parts | None], arrays: Sequence[Any]) -> list:
   """Inverse of `pack`: rebuild tracked values from `specs` (their static parts) and arrays."""
-  it, out = iter(arrays), []
-  for spec in specs:
-    out.append(next(it) if spec is None else spec.replace(w=next(it), a=next(it), b=next(it)))
-  return out
+  it = iter(arrays)
+  return [_unpack_one(spec, it) for spec in specs]
+
+
+def _unpack_one(spec: Tracked | Parts | None, it) -> Any:
+  if isinstance(spec, Tracked):
+    return spec.replace(w=next(it), a=next(it), b=next(it))
+  if isinstance(spec, Parts):
+    return spec.replace(w=next(it), pieces=tuple(_unpack_one(p, it) for p in spec.pieces))
+  return next(it)

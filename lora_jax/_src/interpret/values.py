@@ -6,7 +6,8 @@ A `View` knows, for each axis of the current value, which axes of the stored ker
 `scan` over the kernel makes the scanned axis a stack axis). A `Tracked` value stands for
 `W_view + scale · ΔW_view`: the base kernel after the layout-only ops seen so far, with
 `ΔW = A·B` kept factored (`A: (*S, *I, r)`, `B: (*S, r, *O)`); `axes[j]` says which role axis `j`
-of the view plays and its position within that role's group.
+of the view plays and its position within that role's group. A `Parts` value is a concatenation
+of kernels along an in or out axis, each piece keeping its own factors (interpret/concat.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Tracked:
   a: jax.Array
   b: jax.Array
   axes: tuple[Axis, ...]
-  site: int
+  site: int | tuple[int, ...]  # a tuple: kernels concatenated along a stack axis (concat.py)
   scale: Any  # a Python float, or a scalar array
 
   @classmethod
@@ -66,3 +67,34 @@ class Tracked:
   def materialize(self) -> jax.Array:
     """`W_view + ΔW_view` in W's dtype (see `layout.add_delta`)."""
     return add_delta(self.w, self.a, self.b, self.scale, self.axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Parts:
+  """Kernels (and plain arrays) concatenated along view axis `axis`, each keeping its own
+  factors: `pieces` are `Tracked` values or arrays (apply mode), or `View`s / None (infer mode,
+  where a `Parts` is just the views that travel together); `w` is the concatenation of the base
+  pieces (apply mode)."""
+  pieces: tuple[Any, ...]
+  axis: int
+  w: Any = None
+
+  @classmethod
+  def of_views(cls, views) -> Any:
+    """Infer mode: the views among `views` as one value (None, a `View`, or their `Parts`)."""
+    found = [v for v in views if isinstance(v, View)]
+    return None if not found else found[0] if len(found) == 1 else cls(tuple(found), -1)
+
+  def tracked(self) -> list[Tracked]:
+    return [p for p in self.pieces if isinstance(p, Tracked)]
+
+  def sizes(self) -> list[int]:
+    return [p.w.shape[self.axis] if isinstance(p, Tracked) else p.shape[self.axis] for p in self.pieces]
+
+  def replace(self, **kw: Any) -> Parts:
+    return dataclasses.replace(self, **kw)
+
+  def materialize(self) -> jax.Array:
+    """The concatenation of each piece's `W + ΔW` (plain pieces as they are)."""
+    full = [p.materialize() if isinstance(p, Tracked) else p for p in self.pieces]
+    return jax.numpy.concatenate(full, axis=self.axis)
