@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Any, Callable
 
@@ -365,3 +367,88 @@ def _jaxlib() -> str | None:
     return jaxlib.__version__
   except Exception:  # noqa: BLE001
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The train-step benchmarks (moe.py, remat.py): one parser, one timing loop, one ratio table
+# ---------------------------------------------------------------------------------------------
+
+def parse_step_args(doc: str, sizes: dict[str, int], quick: dict[str, int], out_name: str,
+                    argv=None, reps: int = 10) -> argparse.Namespace:
+  """Flags `--<size>` for each model size in `sizes` (defaults), LoRA rank/alpha, AdamW lr,
+  `--reps`, `--quick` (replaces the sizes by `quick`) and `--out` (default `out_name` next to
+  this file)."""
+  p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  for name, default in sizes.items():
+    p.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=f"default {default}")
+  p.add_argument("--rank", type=int, default=8, help="LoRA rank r on every adapted kernel")
+  p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / r)")
+  p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+  p.add_argument("--reps", type=int, default=reps, help=f"timed calls per variant (default {reps})")
+  p.add_argument("--quick", action="store_true", help="tiny model for a smoke run")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), out_name))
+  args = p.parse_args(argv)
+  if args.quick:
+    for k, v in quick.items():
+      setattr(args, k, v)
+  return args
+
+
+def start(model: str) -> None:
+  """float32 matmuls at full precision; print the machine and `model` (the setup in words)."""
+  jax.config.update("jax_default_matmul_precision", "highest")
+  info = machine()
+  print(f"machine: {info['cpu']}, {info['cores']} cores, backend={info['backend']}; jax {info['jax']}, "
+        f"flax {info['flax']}")
+  print(f"model: {model}")
+
+
+def time_steps(variants: list[Variant], reps: int) -> dict[str, Any]:
+  """Compile and warm up every variant, then time them interleaved (no host transfers allowed);
+  returns the load averages around the timed section."""
+  print("compiling + warming up ...", flush=True)
+  for v in variants:
+    compile_variant(v)
+    print(f"  {v.name:<14} {v.warmup_s:6.1f} s  flops={v.flops}", flush=True)
+  load_before = os.getloadavg()
+  t0 = time.perf_counter()
+  with jax.transfer_guard("disallow"):
+    time_interleaved(variants, reps)
+  load_after = os.getloadavg()
+  print(f"timed in {time.perf_counter() - t0:.1f} s; load average {load_before[0]:.2f} -> "
+        f"{load_after[0]:.2f} on {os.cpu_count()} cores")
+  return {"loadavg_before_timing": load_before, "loadavg_after_timing": load_after}
+
+
+def ratio_results(variants: list[Variant], rows: list[tuple[str, str]]) -> list[dict[str, Any]]:
+  """Per `(variant, reference)` row: median wall / CPU ms, their ratios and the FLOP ratio."""
+  by = {v.name: v for v in variants}
+  results = []
+  for name, ref in rows:
+    v, r = by[name], by[ref]
+    results.append({
+        "variant": name, "reference": ref, "median_ms": median_ms(v), "median_cpu_ms": median_cpu_ms(v),
+        "min_ms": 1e3 * min(v.times), "max_ms": 1e3 * max(v.times), "times_ms": [1e3 * t for t in v.times],
+        "time_ratio": median_ms(v) / median_ms(r), "cpu_ratio": median_cpu_ms(v) / median_cpu_ms(r),
+        "flops": v.flops, "flop_ratio": v.flops / r.flops if v.flops and r.flops else None})
+  return results
+
+
+def ratio_table(results: list[dict[str, Any]], rules_before: tuple[int, ...] = ()) -> str:
+  head = ("variant", "vs", "median ms", "min..max ms", "time ratio", "cpu ratio", "GFLOP", "FLOP ratio")
+  lines = [(r["variant"], r["reference"], f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}..{r['max_ms']:.1f}",
+            f"{r['time_ratio']:.3f}x", f"{r['cpu_ratio']:.3f}x",
+            f"{r['flops'] / 1e9:.4f}" if r["flops"] else "n/a",
+            f"{r['flop_ratio']:.3f}x" if r["flop_ratio"] else "n/a") for r in results]
+  return format_table(head, lines, rules_before=rules_before)
+
+
+def write_results(args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
+  """`out` with the command line, the machine and the config, written to `args.out` as JSON."""
+  out = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "machine": machine(),
+         "config": {k: v for k, v in vars(args).items() if k != "out"}, **out}
+  with open(args.out, "w") as f:
+    json.dump(out, f, indent=2)
+  print(f"wrote {args.out}")
+  return out
