@@ -36,7 +36,6 @@ import importlib.metadata
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
