@@ -41,6 +41,8 @@ Adapter = tuple[PyTree, Plan]
 COMBINATION_TYPES = ("svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties",
                      "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 _FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+_WITHOUT_DARE = {"dare_linear": "linear", "dare_ties": "ties", "dare_linear_svd": "svd",
+                 "dare_ties_svd": "ties_svd"}
 _DENSITY_TYPES = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
                   "magnitude_prune", "magnitude_prune_svd")
 
@@ -308,34 +310,34 @@ def _select(lora_a: dict[str, Any], lora_b: dict[str, Any], scale: dict[str, Any
 
 
 def _magnitude_prune(t: jax.Array, density: float) -> jax.Array:
-  """Keep the `int(density·M)` largest-magnitude entries of each `t[n, s, :]`, zero the rest."""
+  """Keep the `int(density·M)` largest-magnitude entries of each `t[n, s, :]`, zero the rest
+  (exactly that many: equal magnitudes are taken in index order)."""
   if density >= 1:
     return t
   k = int(density * t.shape[-1])
-  if k == 0:
-    return jnp.zeros_like(t)
-  _, idx = jax.lax.top_k(jnp.abs(t), k)
-  keep = jnp.zeros(t.shape, bool)
-  keep = jnp.put_along_axis(keep, idx, True, axis=-1, inplace=False)
-  return jnp.where(keep, t, jnp.zeros_like(t))
+  # An entry's place in the descending order, by a double argsort: compiles faster than top_k
+  # followed by a scatter of its indices.
+  order = jnp.argsort(-jnp.abs(t), axis=-1, stable=True)
+  place = jnp.argsort(order, axis=-1)
+  return jnp.where(place < k, t, jnp.zeros_like(t))
 
 
-def _random_prune(t: jax.Array, density: float, key: jax.Array) -> jax.Array:
-  """DARE: keep each entry with probability `density` and rescale the kept ones by `1/density`."""
+def _random_prune(t: jax.Array, density: float, uniform: jax.Array) -> jax.Array:
+  """DARE: keep each entry with probability `density` (where `uniform`, U[0, 1) draws shaped
+  like `t`, is below it) and rescale the kept ones by `1/density`."""
   if density >= 1:
     return t
-  keep = jax.random.bernoulli(key, density, t.shape)
-  return jnp.where(keep, t, jnp.zeros_like(t)) / jnp.asarray(density, t.dtype)
+  return jnp.where(uniform < density, t, jnp.zeros_like(t)) / jnp.asarray(density, t.dtype)
 
 
 def _combine(t: jax.Array, weights: jax.Array, kind: str, density: float | None,
-             majority_sign_method: str, key: jax.Array | None) -> jax.Array:
+             majority_sign_method: str, uniform: jax.Array | None) -> jax.Array:
   """Merge task tensors `t: (N, S, M)` with `weights: (N,)` into `(S, M)` (PEFT's merge_utils:
   `kind` is the combination type without its `_svd` suffix)."""
   if kind in ("ties", "magnitude_prune"):
     t = _magnitude_prune(t, density)  # type: ignore[arg-type]
   elif kind.startswith("dare"):
-    t = _random_prune(t, density, key)  # type: ignore[arg-type]
+    t = _random_prune(t, density, uniform)  # type: ignore[arg-type]
   weighted = t * weights.astype(t.dtype)[:, None, None]
   if not kind.endswith("ties"):
     return jnp.sum(weighted, axis=0)
@@ -411,7 +413,7 @@ def weighted_adapter(adapters: Sequence[Adapter] | AdapterBank, weights: Sequenc
     majority_sign_method: `"total"` or `"frequency"` (TIES types).
     svd_rank: the `*_svd` types' target rank, at most `min(fan_in, fan_out)` of every site.
     svd_clamp: the `*_svd` types' clamp quantile in `[0, 1]`, or None for no clamp.
-    key: PRNG key for the `dare_*` types; site `j` uses `fold_in(key, j)`.
+    key: PRNG key for the `dare_*` types (one draw of uniforms for all sites and factors).
 
   Returns:
     `(tree, plan)`: the combined adapter's LoRA leaves in the structure of the first adapter's
@@ -440,10 +442,14 @@ def weighted_adapter(adapters: Sequence[Adapter] | AdapterBank, weights: Sequenc
                      f"{weights.shape}")
   kind = "linear" if n == 1 else combination_type
   if kind in _DENSITY_TYPES:
-    if density is None or isinstance(density, bool) or not 0 <= density:
+    if density is None or isinstance(density, bool) or not 0 <= density <= 1:
       raise ValueError(f"{who}: combination_type={kind!r} needs density in [0, 1], got {density!r}")
     density = float(density)
-  if kind.startswith("dare") and key is None and density < 1:  # type: ignore[operator]
+  if density == 1:  # nothing is dropped: the type without DARE (and no key needed)
+    kind = _WITHOUT_DARE.get(kind, kind)
+  if kind not in _DENSITY_TYPES:
+    density = None
+  if kind.startswith("dare") and key is None:
     raise ValueError(f"{who}: combination_type={kind!r} drops entries at random: pass key=")
   if svd_clamp is not None and not 0 <= svd_clamp <= 1:
     raise ValueError(f"{who}: svd_clamp must be a quantile in [0, 1], got {svd_clamp!r}")
@@ -488,13 +494,27 @@ def _weighted(lora_a: dict[str, Any], lora_b: dict[str, Any], scale: dict[str, A
               ) -> dict[str, tuple[jax.Array, jax.Array]]:
   """The combined factors `{path: (A, B)}` at `plan`'s ranks (one program for all sites)."""
   kind, ranks = how.kind, dict(how.ranks)
+  n = len(weights)
+  # DARE's masks come from one draw for everything: one PRNG hash in the program, not one per
+  # tensor (each is a long unrolled function that XLA compiles slowly).
+  sizes = [n * math.prod(s.layout.sizes(s.shape, Role.STACK)) * (
+      s.rank * (s.fan_in + s.fan_out) if kind in _FACTOR_TYPES else s.fan_in * s.fan_out)
+      for s in plan.sites]
+  dare = kind.startswith("dare") and key is not None
+  uniform = jax.random.uniform(key, (sum(sizes),)) if dare else None
+  offset = 0
+
+  def draws(shape: tuple[int, ...]) -> jax.Array | None:
+    nonlocal offset
+    offset += math.prod(shape)
+    return None if uniform is None else uniform[offset - math.prod(shape):offset].reshape(shape)
+
   factors = {}
-  for j, s in enumerate(plan.sites):
-    n, n_slices, rank = len(weights), math.prod(s.layout.sizes(s.shape, Role.STACK)), s.rank
+  for s in plan.sites:
+    n_slices, rank = math.prod(s.layout.sizes(s.shape, Role.STACK)), s.rank
     a = lora_a[s.path].reshape(n, n_slices, s.fan_in, -1)
     b = lora_b[s.path].reshape(n, n_slices, -1, s.fan_out)
     site_scale = scale[s.path].astype(jnp.float32)
-    site_key = None if key is None else jax.random.fold_in(key, j)
     if kind == "cat":
       new_a = jnp.concatenate([a[i, ..., :r] * (weights[i] * site_scale[i]).astype(a.dtype)
                                for i, r in enumerate(ranks[s.path])], axis=-1)
@@ -503,17 +523,18 @@ def _weighted(lora_a: dict[str, Any], lora_b: dict[str, Any], scale: dict[str, A
       # PEFT splits each weight w·s over both factors: sign(w·s)·sqrt|w·s| on A, sqrt|w·s| on B.
       c = weights * site_scale
       root = jnp.sqrt(jnp.abs(c))
-      keys = (None, None) if site_key is None else (jax.random.fold_in(site_key, 0),
-                                                    jax.random.fold_in(site_key, 1))
-      new_a = _combine(a[..., :rank].reshape(n, n_slices, -1), jnp.where(c >= 0, root, -root),
-                       kind, how.density, how.majority_sign_method, keys[0])
-      new_b = _combine(b[:, :, :rank].reshape(n, n_slices, -1), root, kind, how.density,
-                       how.majority_sign_method, keys[1])
+      flat_a = a[..., :rank].reshape(n, n_slices, -1)
+      flat_b = b[:, :, :rank].reshape(n, n_slices, -1)
+      new_a = _combine(flat_a, jnp.where(c >= 0, root, -root), kind, how.density,
+                       how.majority_sign_method, draws(flat_a.shape))
+      new_b = _combine(flat_b, root, kind, how.density, how.majority_sign_method,
+                       draws(flat_b.shape))
     else:
       deltas = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
       deltas = deltas * site_scale.astype(a.dtype)[:, None, None, None]
-      merged = _combine(deltas.reshape(n, n_slices, -1), weights, kind.removesuffix("_svd"),
-                        how.density, how.majority_sign_method, site_key)
+      flat = deltas.reshape(n, n_slices, -1)
+      merged = _combine(flat, weights, kind.removesuffix("_svd"), how.density,
+                        how.majority_sign_method, draws(flat.shape))
       new_a, new_b = _svd_factors(merged.reshape(n_slices, s.fan_in, s.fan_out), rank, how.svd_clamp)
     factors[s.path] = (new_a.reshape(s.a_shape), new_b.reshape(s.b_shape))
   return factors
