@@ -141,6 +141,32 @@ def test_select_under_jit_compiles_once_for_every_adapter_and_bank():
   assert serve._cache_size() == 1
 
 
+def test_banks_keep_the_adapters_containers():
+  """NNX `State` with `Param` boxes and a list (factors in `LoraWeight` nodes): select gives back
+  the same tree structure and values, also from a bank passed through `jit`."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.l1 = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+
+  nnx_state = nnx.split(Net())[1]
+  as_list = [jnp.ones((3, 4)), jnp.zeros((2,))]
+  for base, target in ((nnx_state, r"l1/kernel"), (as_list, r"0")):
+    pairs = []
+    for rank, seed in ((1, 0), (2, 1)):
+      plan = lj.plan(lj.LoraConfig(targets=target, rank=rank), base)
+      adapters = lj.split(lj.attach(plan, base, jax.random.key(seed)))[0]
+      draw = np.random.default_rng(seed).standard_normal
+      pairs.append((jax.tree.map(lambda v, draw=draw: jnp.asarray(draw(v.shape), v.dtype), adapters),
+                    plan))
+    bank, own_plan = lj.stack_adapters(pairs), pairs[0][1]
+    pick = jax.jit(lambda bank, plan=own_plan: lj.select_adapter(bank, 0, plan)[0])
+    for got in (lj.select_adapter(bank, 0, own_plan)[0], pick(bank)):
+      assert jax.tree.structure(got) == jax.tree.structure(pairs[0][0])
+      jax.tree.map(np.testing.assert_array_equal, got, pairs[0][0])
+
+
 def test_bank_errors(adapters, base):
   (tree, plan), (tree_v, plan_v) = adapters["x"], adapters["v"]
   other = lj.plan(lj.LoraConfig(targets=r"a/kernel", rank=3), base)

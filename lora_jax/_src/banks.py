@@ -322,10 +322,10 @@ def _magnitude_prune(t: jax.Array, density: float) -> jax.Array:
   return jnp.where(place < k, t, jnp.zeros_like(t))
 
 
-def _random_prune(t: jax.Array, density: float, uniform: jax.Array) -> jax.Array:
+def _random_prune(t: jax.Array, density: float, uniform: jax.Array | None) -> jax.Array:
   """DARE: keep each entry with probability `density` (where `uniform`, U[0, 1) draws shaped
   like `t`, is below it) and rescale the kept ones by `1/density`."""
-  if density >= 1:
+  if density >= 1 or uniform is None:
     return t
   return jnp.where(uniform < density, t, jnp.zeros_like(t)) / jnp.asarray(density, t.dtype)
 
@@ -335,9 +335,9 @@ def _combine(t: jax.Array, weights: jax.Array, kind: str, density: float | None,
   """Merge task tensors `t: (N, S, M)` with `weights: (N,)` into `(S, M)` (PEFT's merge_utils:
   `kind` is the combination type without its `_svd` suffix)."""
   if kind in ("ties", "magnitude_prune"):
-    t = _magnitude_prune(t, density)  # type: ignore[arg-type]
+    t = _magnitude_prune(t, 1.0 if density is None else density)
   elif kind.startswith("dare"):
-    t = _random_prune(t, density, uniform)  # type: ignore[arg-type]
+    t = _random_prune(t, 1.0 if density is None else density, uniform)
   weighted = t * weights.astype(t.dtype)[:, None, None]
   if not kind.endswith("ties"):
     return jnp.sum(weighted, axis=0)
@@ -500,8 +500,9 @@ def _weighted(lora_a: dict[str, Any], lora_b: dict[str, Any], scale: dict[str, A
   sizes = [n * math.prod(s.layout.sizes(s.shape, Role.STACK)) * (
       s.rank * (s.fan_in + s.fan_out) if kind in _FACTOR_TYPES else s.fan_in * s.fan_out)
       for s in plan.sites]
-  dare = kind.startswith("dare") and key is not None
-  uniform = jax.random.uniform(key, (sum(sizes),)) if dare else None
+  uniform = None
+  if kind.startswith("dare") and key is not None:
+    uniform = jax.random.uniform(key, (sum(sizes),))
   offset = 0
 
   def draws(shape: tuple[int, ...]) -> jax.Array | None:
