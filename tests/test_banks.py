@@ -198,11 +198,16 @@ def test_cat_is_exact_for_different_ranks_and_negative_weights(adapters, base):
                                atol=2e-6 * np.abs(want).max(), rtol=0)
 
 
-def test_svd_is_the_best_rank_r_approximation_per_stack_slice(adapters, base):
+def test_svd_is_the_best_rank_r_approximation_per_stack_slice(adapters, base, tmp_path):
   """`svd` is the truncated SVD of `Σ w_i ΔW_i` per stack slice (Eckart-Young, float64 numpy):
-  exact where that sum has rank <= svd_rank (q, o: rank 5 on 4x6 slices), truncated on a (5x7)."""
+  exact where that sum has rank <= svd_rank (q, o: rank 5 on 4x6 slices), truncated on a (5x7).
+  The result's plan (alpha = r) passes the checkpoint's record checks."""
   names, weights = ["u", "x"], [0.5, -1.5]
   tree, plan = lj.weighted_adapter([adapters[n] for n in names], weights, "svd", svd_rank=4)
+  lj.save_adapter(tmp_path / "svd", plan, lj.combine(base, tree))
+  loaded, loaded_plan = lj.load_adapter(tmp_path / "svd", base)
+  assert loaded_plan == plan
+  jax.tree.map(np.testing.assert_array_equal, lj.split(loaded)[0], tree)
   got = lj.delta(plan, lj.combine(base, tree))
   for s in plan.sites:
     total = sum(w * _delta64(*adapters[n])[s.path] for n, w in zip(names, weights))

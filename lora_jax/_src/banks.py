@@ -184,8 +184,9 @@ def stack_adapters(adapters: Sequence[Adapter], names: Sequence[str] | None = No
     adapters: `[(tree, plan), ...]` as `lj.load_adapter` / `lj.import_peft` return them (or
       `(lj.split(tree)[0], plan)`); same site paths, kernel shapes and layouts in every plan.
     names: one distinct string per adapter; default `"0", "1", ...`.
-    pad_to: pad every site to at least this rank, so adapters of rank up to `pad_to` can later
-      take a slot of the bank without changing its shapes.
+    pad_to: pad every site to at least this rank (at most its `min(fan_in, fan_out)`, the
+      largest rank `lj.plan` allows), so adapters of rank up to `pad_to` can later take a slot of
+      the bank without changing its shapes.
 
   Returns:
     The bank. Its `plan` is the first adapter's plan at rank `r_max` with `scale = 1`.
@@ -214,7 +215,8 @@ def stack_adapters(adapters: Sequence[Adapter], names: Sequence[str] | None = No
   factors = [_factors(tree, plan, f"{who}: adapter {k} ({names[k]!r})")
              for k, (tree, plan) in enumerate(adapters)]
   treedef, leaf_names = _template(adapters[0][0])
-  r_max = {s.path: max([p.site(s.path).rank for p in plans] + [pad_to or 1]) for s in plans[0].sites}
+  r_max = {s.path: max([p.site(s.path).rank for p in plans] + [min(pad_to or 1, s.fan_in, s.fan_out)])
+           for s in plans[0].sites}
   bank_plan = _unit_plan(plans[0], r_max)
   lora_a, lora_b = _stack(factors, bank_plan)
   scale = {s.path: jnp.asarray([p.site(s.path).scale for p in plans], lora_a[s.path].dtype)
@@ -398,10 +400,11 @@ def weighted_adapter(adapters: Sequence[Adapter] | AdapterBank, weights: Sequenc
     `A = V_r`, optionally both clamped to `±quantile(entries of both, svd_clamp)`. Exact for
     `svd` when `svd_rank >= rank(Σ w_i ΔW_i)`; otherwise the best rank-`svd_rank` approximation.
 
-  Negative weights are allowed. With one adapter every type is `linear` (as in PEFT). `density`
-  >= 1 prunes nothing (so `dare_linear` equals `linear`, `dare_ties` equals `ties`). The result
-  has `alpha = r` per site with standard scaling (`scale = 1`), like PEFT's new adapter config;
-  (PEFT keeps the first adapter's `use_rslora`, which makes its new scale `sqrt(r)`, not 1).
+  Negative weights are allowed. With one adapter every type is `linear` (as in PEFT).
+  `density=1` prunes nothing (so `dare_linear` is `linear`, `dare_ties` is `ties`, and so on,
+  without a key). The result has `alpha = r` per site with standard scaling (`scale = 1`), like
+  PEFT's new adapter config (PEFT keeps the first adapter's `use_rslora`, which makes its new
+  scale `sqrt(r)`, not 1).
 
   Args:
     adapters: `[(tree, plan), ...]` for the same sites (as for `stack_adapters`), or a bank
@@ -418,12 +421,12 @@ def weighted_adapter(adapters: Sequence[Adapter] | AdapterBank, weights: Sequenc
   Returns:
     `(tree, plan)`: the combined adapter's LoRA leaves in the structure of the first adapter's
     tree (`lj.combine(base, tree)` attaches it) and its plan (scale 1, ranks as above). A `cat`
-    rank above `min(fan_in, fan_out)` applies and merges exactly but is refused by
-    `lj.save_adapter`; compress it with `svd` first.
+    rank above `min(fan_in, fan_out)` applies and merges exactly, but `lj.load_adapter` refuses
+    such a rank; compress it with `svd` before saving.
 
   Raises:
-    ValueError: an unknown `combination_type` or `majority_sign_method`, a missing or negative
-      `density`, a missing `key` for DARE, a weight count other than N, unequal ranks for a
+    ValueError: an unknown `combination_type` or `majority_sign_method`, a missing `density` or
+      one outside `[0, 1]`, a missing `key` for DARE, a weight count other than N, unequal ranks for a
       factor-level type or an `svd_rank` too large (naming the path), `svd_clamp` outside
       `[0, 1]`, or adapters for different sites.
   """
