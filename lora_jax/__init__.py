@@ -3,6 +3,7 @@
 from ._src import checkpoint
 from ._src.adapters import LoraWeight, attach, combine, split, strip, trainable_mask
 from ._src.apply import merged, unmerged
+from ._src.banks import AdapterBank, select_adapter, stack_adapters, weighted_adapter
 from ._src.checkpoint import CheckpointError, load_adapter, save_adapter
 from ._src.config import LoraConfig
 from ._src.layout import Layout, Role
@@ -18,3 +19,4 @@ __all__ = ["CheckpointError", "apply_updates", "Layout", "LoraConfig", "LoraWeig
            "TrainingCheckpointer", "Use", "__version__", "attach", "checkpoint", "combine", "delta",
            "export_peft", "freeze_base", "import_peft", "load_adapter", "merge", "merged",
            "peft_key_map", "plan", "save_adapter", "split", "strip", "trainable_mask", "unmerged"]
+__all__ += ["AdapterBank", "select_adapter", "stack_adapters", "weighted_adapter"]
