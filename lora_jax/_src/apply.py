@@ -37,11 +37,12 @@ def unmerged(fn: Callable, plan: Plan, dropout_key: jax.Array | None = None) -> 
   """`fn` taking the LoRA tree, computing every adapted kernel's use without forming `W + ΔW`.
 
   `fn(variables, *args, **kwargs)` is traced to a jaxpr with the base kernels as inputs, then
-  interpreted: each `dot_general` / `conv_general_dilated` / embedding `gather` on a kernel emits
-  the base op plus the low-rank term `scale · (drop(x)·A)·B` (shapes: x `(..., *in)`,
-  A `(*stack, *in, r)`, B `(*stack, r, *out)`); `jit`, remat, `scan`, `cond`, `while`,
-  `custom_jvp`/`custom_vjp` are recursed into; any other use of a kernel gets `W + ΔW` for that
-  use only (reported in the plan's `use` column).
+  interpreted: each `dot_general` / `ragged_dot` / `conv_general_dilated` / embedding `gather` on
+  a kernel emits the base op plus the low-rank term `scale · (drop(x)·A)·B` (shapes: x `(..., *in)`,
+  A `(*stack, *in, r)`, B `(*stack, r, *out)`); indexing, slicing, concatenation and size-1 reshapes
+  of a kernel are applied to its factors alike; `jit`, remat, `scan`, `cond`, `while`,
+  `custom_jvp`/`custom_vjp` and `shard_map` are recursed into; any other use of a kernel gets
+  `W + ΔW` for that use only (reported in the plan's `use` column).
 
   Args:
     fn: `fn(variables, *args, **kwargs)`, any JAX function.
