@@ -124,6 +124,12 @@ class QuantizedArray:
   @classmethod
   def tree_unflatten(cls, aux, kids):
     shape, dtype, layout, fmt, block_size = aux
+    ndim = getattr(kids[0], "ndim", None)
+    if layout.stack_axes and ndim == len(layout.stack_axes) + 1:
+      # Children that lost their leading axis (`lax.scan` slices them per step): one entry of the
+      # first stack axis, the per-layer kernel of a scanned stack.
+      first = layout.stack_axes[0]
+      shape, layout = shape[:first] + shape[first + 1:], _drop_axis(layout, first)
     return cls(*kids, shape=shape, dtype=dtype, layout=layout, format=fmt, block_size=block_size)
 
   @property
@@ -188,6 +194,15 @@ class QuantizedArray:
     table = jnp.asarray(DYNAMIC_MAP) * self.scale_absmax[..., None]
     values = jnp.take_along_axis(table, codes, axis=-1)
     return values.reshape(*values.shape[:-2], -1)[..., :n] + self.scale_offset[..., None]
+
+  def slice_leading(self, start: Any, size: int) -> QuantizedArray:
+    """Entries `start:start+size` (`start` may be traced) of the first stack axis, kept as an axis."""
+    first = self.layout.stack_axes[0]
+    cut = lambda x: None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, 0)
+    return QuantizedArray(cut(self.codes), cut(self.scales), cut(self.scale_absmax),
+                          cut(self.scale_offset),
+                          shape=self.shape[:first] + (size,) + self.shape[first + 1:], dtype=self.dtype,
+                          layout=self.layout, format=self.format, block_size=self.block_size)
 
   def take(self, index: Any) -> QuantizedArray:
     """Entry `index` (an int or an integer scalar array, possibly traced) of the first stack axis

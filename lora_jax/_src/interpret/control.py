@@ -17,8 +17,8 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from ..layout import Role
-from .core import Apply, Infer, applies, assign, eval_jaxpr, infers, materialize, pack, unpack
-from .values import Tracked, View
+from .core import Apply, Infer, applies, assign, dense, eval_jaxpr, infers, materialize, pack, unpack
+from .values import QuantizedBase, Tracked, View
 
 _INLINE = {P.jit_p: "jaxpr", P.closed_call_p: "call_jaxpr", P.custom_jvp_call_p: "call_jaxpr",
            P.custom_vjp_call_p: "call_jaxpr"}
@@ -84,6 +84,9 @@ def _scan(eqn, invals, ctx: Apply):
     role, k = x.axes[0] if isinstance(x, Tracked) else (None, 0)
     if isinstance(x, Tracked) and role is not Role.STACK:
       x = materialize(x, ctx, "scan over a non-stack axis", "scan")
+    if isinstance(x, Tracked) and isinstance(x.w, QuantizedBase) and (
+        k or x.w.ops or x.w.source.layout.stack_axes[:1] != (0,)):
+      x = x.replace(w=dense(x.w))  # its codes do not lead with the scanned axis: dequantize
     if isinstance(x, Tracked):
       outer.append(x.replace(a=jnp.moveaxis(x.a, k, 0), b=jnp.moveaxis(x.b, k, 0)))
       inner.append(x.replace(axes=tuple((r, j - (r is Role.STACK and j > k)) for r, j in x.axes[1:])))
