@@ -241,7 +241,14 @@ def bind(eqn, invals: Sequence[Any]) -> list:
   in storage, or the op is kept for later); any other use dequantizes it there."""
   if invals and isinstance(invals[0], QuantizedBase) and eqn.primitive in _LAYOUT_ONLY:
     return [_index_storage(eqn, invals[0], invals[1:]) or invals[0].then(eqn, list(invals[1:]))]
-  invals = [dense(x) for x in invals]
+  if any(isinstance(x, QuantizedBase) for x in invals):
+    # Dequantize inside a remat region with the use: the backward pass dequantizes again from the
+    # codes instead of keeping every dequantized kernel alive as a residual until it runs.
+    return jax.checkpoint(lambda *v: _bind(eqn, [dense(x) for x in v]))(*invals)
+  return _bind(eqn, invals)
+
+
+def _bind(eqn, invals: Sequence[Any]) -> list:
   params = eqn.primitive.get_bind_params(eqn.params)
   if isinstance(params, tuple):  # (subfuns, params) for primitives that carry functions
     subfuns, params = params
