@@ -52,3 +52,11 @@ def test_readme_maxtext_moe_example_is_low_rank_and_exact():
   assert float(jnp.abs(want - fn(params, x)).max()) > 1e-2
   assert float(jnp.abs(want).max()) < 10  # outputs O(10): float32 rounding of two summation orders
   np.testing.assert_allclose(jax.jit(lj.unmerged(fn, plan))(tree, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_readme_qlora_example_runs():
+  namespace = _run_first_block_after("## Quantized base (QLoRA)")
+  import lora_jax as lj
+  assert all(isinstance(namespace["base"][k], lj.QuantizedArray) for k in ("w1", "w2"))
+  assert namespace["merged"]["w1"].dtype == "bfloat16" and namespace["w"]["w2"].shape == (512, 64)
+  assert float(abs(namespace["grads"]["w2_lora_b"]).max()) > 0

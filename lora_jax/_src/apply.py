@@ -33,7 +33,8 @@ def merged(fn: Callable, plan: Plan) -> Callable:
   return apply
 
 
-def unmerged(fn: Callable, plan: Plan, dropout_key: jax.Array | None = None) -> Callable:
+def unmerged(fn: Callable, plan: Plan, dropout_key: jax.Array | None = None,
+             compute_dtype: Any = None) -> Callable:
   """`fn` taking the LoRA tree, computing every adapted kernel's use without forming `W + ΔW`.
 
   `fn(variables, *args, **kwargs)` is traced to a jaxpr with the base kernels as inputs, then
@@ -49,6 +50,9 @@ def unmerged(fn: Callable, plan: Plan, dropout_key: jax.Array | None = None) -> 
     plan: from `lj.plan` on the same function.
     dropout_key: enables `plan.config.dropout` on the LoRA input path (off without a key). The
       wrapper is cheap to build inside a jitted step.
+    compute_dtype: the dtype a quantized kernel (`lj.quantize`) is dequantized to, at each use
+      (per layer inside `scan`, per expert when an expert is picked out of a stack): default the
+      dtype of the first floating-point array argument (the activations), else the kernel's own.
 
   Returns:
     A function of `(tree, *args, **kwargs)` with `fn`'s outputs. Array leaves of `args`/`kwargs`
@@ -58,7 +62,7 @@ def unmerged(fn: Callable, plan: Plan, dropout_key: jax.Array | None = None) -> 
   @functools.wraps(fn)
   def apply(tree: Any, *args: Any, **kwargs: Any) -> Any:
     factors = {path: (a, b) for path, (_, a, b) in site_arrays(plan, tree).items()}
-    traced = trace(fn, with_saved(plan, tree), args, kwargs)
+    traced = trace(fn, with_saved(plan, tree), args, kwargs, compute_dtype)
     return traced.run(plan.sites, factors, Apply(plan.config.dropout, dropout_key))
 
   return apply

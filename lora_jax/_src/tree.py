@@ -10,6 +10,8 @@ Boxes are transparent: an NNX `Variable` (e.g. `nnx.Param`) or a linen metadata 
 kernel of `model.l1` is `l1/kernel`. Any container works: dicts, `FrozenDict`, NNX `State`, lists,
 tuples, `NamedTuple`s, registered dataclasses, equinox Modules, any registered pytree node.
 A node may give a child a `SuffixKey`, which appends to its own name instead of adding a component.
+A node whose class sets `__lora_jax_leaf__ = True` (a quantized kernel: codes and scales under
+one name) is one leaf here, while `jax.tree_util` still sees its arrays.
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ def render(path: KeyPath) -> str:
 
 def children(node: Any) -> list[tuple[Any, Any]] | None:
   """`[(key, child)]` of a pytree node one level down, or None for a leaf (a box is a leaf)."""
-  if is_box(node) or node is None:
-    return None if node is not None else []
+  if is_box(node) or node is None or getattr(type(node), "__lora_jax_leaf__", False):
+    return None if node is not None else []  # a box or a quantized kernel is one leaf
   if isinstance(node, Mapping):
     return [(jax.tree_util.DictKey(k), v) for k, v in node.items()]
   flat, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)

@@ -42,6 +42,7 @@ from .core import (
   applies,
   applies_to_parts,
   bind,
+  dense,
   dispatch,
   infers,
   materialize,
@@ -64,7 +65,7 @@ def _concatenate_infer(eqn, views, ctx: Infer):
 @applies(P.concatenate_p)
 @applies_to_parts(P.concatenate_p)
 def _concatenate(eqn, invals, ctx: Apply):
-  return [_join(invals, eqn.params["dimension"], ctx)]
+  return [_join(_dense(invals), eqn.params["dimension"], ctx)]
 
 
 @infers(_stack_p)
@@ -81,7 +82,7 @@ def _stack(eqn, invals, ctx: Apply):
   stack group, as `W[None]` does), then they are concatenated along it."""
   axis = eqn.params["axis"]
   pieces = []
-  for x in materialize_parts(invals, ctx, "stack of concatenated kernels", "stack"):
+  for x in _dense(materialize_parts(invals, ctx, "stack of concatenated kernels", "stack")):
     if isinstance(x, Tracked):
       n_s = x.count(STACK)
       x = x.replace(w=jnp.expand_dims(x.w, axis), a=jnp.expand_dims(x.a, n_s),
@@ -90,6 +91,11 @@ def _stack(eqn, invals, ctx: Apply):
       x = jnp.expand_dims(x, axis)
     pieces.append(x)
   return [_join(pieces, axis, ctx)]
+
+
+def _dense(invals: list) -> list:
+  """Quantized bases dequantized: a concatenation holds its pieces' base values."""
+  return [x.replace(w=dense(x.w)) if isinstance(x, Tracked) else x for x in invals]
 
 
 def _base(x):

@@ -31,6 +31,7 @@ from .core import (
   applies,
   applies_to_parts,
   assign,
+  dense,
   eval_jaxpr,
   infers,
   materialize,
@@ -38,7 +39,7 @@ from .core import (
   primitive_of,
   unpack,
 )
-from .values import Parts, Tracked, View
+from .values import Parts, QuantizedBase, Tracked, View
 
 _INLINE = {P.jit_p: "jaxpr", P.closed_call_p: "call_jaxpr", P.custom_jvp_call_p: "call_jaxpr",
            P.custom_vjp_call_p: "call_jaxpr"}
@@ -144,6 +145,8 @@ def _scanned(x: Tracked) -> tuple[Tracked, Tracked]:
   """A kernel scanned along its first view axis (a stack axis): its value outside the scan, with
   that stack axis moved to the front of A and B, and its per-step spec inside."""
   k = x.axes[0][1]
+  if isinstance(x.w, QuantizedBase) and (k or x.w.ops or x.w.source.layout.stack_axes[:1] != (0,)):
+    x = x.replace(w=dense(x.w))  # its codes do not lead with the scanned axis: dequantize
   return (x.replace(a=jnp.moveaxis(x.a, k, 0), b=jnp.moveaxis(x.b, k, 0)),
           x.replace(axes=tuple((r, j - (r is Role.STACK and j > k)) for r, j in x.axes[1:])))
 

@@ -23,10 +23,11 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex
+from jax.extend.core import primitives as P
 
 from ..layout import Role
 from ..sites import Use
-from .values import Parts, Tracked, View
+from .values import Parts, QuantizedBase, Tracked, View
 
 InferHalf = Callable[[Any, list, "Infer"], list]
 ApplyHalf = Callable[[Any, list, "Apply"], list]
@@ -236,8 +237,58 @@ def primitive_of(fn: Callable, *args: Any) -> Any:
   return jax.make_jaxpr(fn)(*args).jaxpr.eqns[-1].primitive
 
 
+# Ops a quantized kernel may go through before its use without being dequantized.
+_LAYOUT_ONLY = {P.transpose_p, P.reshape_p, P.squeeze_p, P.broadcast_in_dim_p, P.slice_p,
+                P.dynamic_slice_p, P.gather_p, P.convert_element_type_p}
+
+
+def dense(x: Any) -> Any:
+  """A `QuantizedBase` dequantized (in its compute dtype) with its pending ops run; anything else
+  unchanged. Only what the view covers is read when it was indexed on its leading stack axis."""
+  if not isinstance(x, QuantizedBase):
+    return x
+  out, extras = x.source.dequantize(x.compute), list(x.extras)
+  for eqn, n in x.ops:
+    out = bind(eqn, [out, *extras[:n]])[0]
+    extras = extras[n:]
+  return out
+
+
+def _index_storage(eqn, q: QuantizedBase, rest: Sequence[Any]) -> QuantizedBase | None:
+  """`eqn` on a quantized kernel done on its codes and scales, when it only indexes the first
+  stack axis, stored leading (`W[l]`: a size-1 slice or dynamic slice there, then a squeeze)."""
+  src = q.source
+  if q.ops or not src.layout.stack_axes or src.layout.stack_axes[0] != 0:
+    return None
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  if eqn.primitive is P.squeeze_p and tuple(eqn.params["dimensions"]) == (0,):
+    return QuantizedBase(src.take(0), q.compute)
+  if eqn.primitive not in (P.slice_p, P.dynamic_slice_p) or out_shape[1:] != src.shape[1:]:
+    return None
+  if eqn.primitive is P.slice_p:
+    if (eqn.params["strides"] or (1,))[0] != 1:
+      return None
+    start = eqn.params["start_indices"][0]
+  else:  # lax clamps a dynamic start into range
+    start = jnp.clip(rest[0], 0, src.shape[0] - out_shape[0])
+  return QuantizedBase(src.slice_leading(start, out_shape[0]), q.compute)
+
+
 def bind(eqn, invals: Sequence[Any]) -> list:
-  """Re-emit `eqn` on (untracked) `invals`; always returns a list of outputs."""
+  """Re-emit `eqn` on (untracked) `invals`; always returns a list of outputs.
+
+  A quantized kernel (`QuantizedBase`) going through a layout-only op stays quantized (indexed
+  in storage, or the op is kept for later); any other use dequantizes it there."""
+  if invals and isinstance(invals[0], QuantizedBase) and eqn.primitive in _LAYOUT_ONLY:
+    return [_index_storage(eqn, invals[0], invals[1:]) or invals[0].then(eqn, list(invals[1:]))]
+  if any(isinstance(x, QuantizedBase) for x in invals):
+    # Dequantize inside a remat region with the use: the backward pass dequantizes again from the
+    # codes instead of keeping every dequantized kernel alive as a residual until it runs.
+    return jax.checkpoint(lambda *v: _bind(eqn, [dense(x) for x in v]))(*invals)
+  return _bind(eqn, invals)
+
+
+def _bind(eqn, invals: Sequence[Any]) -> list:
   params = eqn.primitive.get_bind_params(eqn.params)
   if isinstance(params, tuple):  # (subfuns, params) for primitives that carry functions
     subfuns, params = params

@@ -11,14 +11,15 @@ import jax
 import numpy as np
 
 from ..layout import Role
+from ..quantize import QuantizedArray
 from ..sites import Site
 from ..tree import flatten, map_leaves, unbox, with_value
-from .core import Apply, Infer, eval_jaxpr, materialize
-from .values import Tracked, View
+from .core import Apply, Infer, dense, eval_jaxpr, materialize
+from .values import QuantizedBase, Tracked, View
 
 
 def is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, QuantizedArray))
 
 
 @dataclasses.dataclass
@@ -33,6 +34,7 @@ class Traced:
   values: list[Any]
   arg_values: list[Any]
   out_tree: Any
+  compute: list[Any]  # per value, the dtype a quantized kernel was traced (is dequantized) in
 
   def index(self, path: str) -> int:
     return self.paths.index(path)
@@ -58,19 +60,23 @@ class Traced:
           values: Sequence[Any] | None = None, arg_values: Sequence[Any] | None = None) -> Any:
     """Run the apply halves with each site's kernel tracked with its `(A, B)`; returns the
     function's output pytree (a kernel returned as-is comes back as `W + ΔW`)."""
-    invals = list(self.values if values is None else values)
+    invals = [QuantizedBase(x, dtype) if isinstance(x, QuantizedArray) else x
+              for x, dtype in zip(self.values if values is None else values, self.compute)]
     for i, s in enumerate(sites):
       j = self.index(s.path)
       invals[j] = Tracked.from_kernel(invals[j], *factors[s.path], s.layout, i, s.scale)
     args = list(self.arg_values if arg_values is None else arg_values)
     outs = eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, invals + args, ctx)
-    outs = [materialize(o, ctx, "returned") for o in outs]
+    outs = [dense(materialize(o, ctx, "returned")) for o in outs]
     return jax.tree_util.tree_unflatten(self.out_tree, outs)
 
 
-def trace(fn: Callable, variables: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Traced:
+def trace(fn: Callable, variables: Any, args: Sequence[Any], kwargs: dict[str, Any],
+          compute_dtype: Any = None) -> Traced:
   """Trace `fn(variables, *args, **kwargs)` abstractly (no FLOPs) with every array leaf of
-  `variables` and of `args`/`kwargs` as a jaxpr input."""
+  `variables` and of `args`/`kwargs` as a jaxpr input. A quantized kernel stands in as an array
+  of its shape in `compute_dtype` (default: that of the first floating-point array argument, else
+  its original dtype)."""
   leaves = {p: unbox(x) for p, x in flatten(variables).items()}
   paths = [p for p, x in leaves.items() if is_array(x)]
   arg_leaves, arg_tree = jax.tree_util.tree_flatten((tuple(args), dict(kwargs)))
@@ -87,7 +93,12 @@ def trace(fn: Callable, variables: Any, args: Sequence[Any], kwargs: dict[str, A
 
   values = [leaves[p] for p in paths]
   arg_values = [arg_leaves[i] for i in dyn]
-  spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x))
+  if compute_dtype is None:
+    compute_dtype = next((jax.numpy.result_type(x) for x in arg_values
+                          if jax.numpy.issubdtype(jax.numpy.result_type(x), jax.numpy.floating)), None)
+  compute = [jax.numpy.dtype(compute_dtype or x.dtype) if isinstance(x, QuantizedArray) else None
+             for x in values]
+  spec = lambda x, dtype: jax.ShapeDtypeStruct(np.shape(x), dtype or jax.numpy.result_type(x))
   closed, out_shape = jax.make_jaxpr(call, return_shape=True)(
-      [spec(x) for x in values], [spec(x) for x in arg_values])
-  return Traced(closed, paths, values, arg_values, jax.tree_util.tree_structure(out_shape))
+      [spec(x, d) for x, d in zip(values, compute)], [spec(x, None) for x in arg_values])
+  return Traced(closed, paths, values, arg_values, jax.tree_util.tree_structure(out_shape), compute)

@@ -6,8 +6,14 @@ A `View` knows, for each axis of the current value, which axes of the stored ker
 `scan` over the kernel makes the scanned axis a stack axis). A `Tracked` value stands for
 `W_view + scale · ΔW_view`: the base kernel after the layout-only ops seen so far, with
 `ΔW = A·B` kept factored (`A: (*S, *I, r)`, `B: (*S, r, *O)`); `axes[j]` says which role axis `j`
-of the view plays and its position within that role's group. A `Parts` value is a concatenation
-of kernels along an in or out axis, each piece keeping its own factors (interpret/concat.py).
+of the view plays and its position within that role's group.
+
+A quantized kernel (`lj.quantize`) enters as a `QuantizedBase`: its codes and scales plus the
+layout-only ops applied to it so far, dequantized only where it is used (`core.bind`); indexing
+its leading stack axis (a layer, an expert; a `scan` step) indexes the codes and scales instead.
+
+A `Parts` value is a concatenation of kernels along an in or out axis, each piece keeping its own
+factors (interpret/concat.py).
 """
 
 from __future__ import annotations
@@ -18,6 +24,42 @@ from typing import Any
 import jax
 
 from ..layout import Axis, Layout, Role, add_delta, delta
+from ..quantize import QuantizedArray
+
+
+@jax.tree_util.register_pytree_node_class
+class QuantizedBase:
+  """A view of a quantized kernel standing for its dequantized values in `compute` dtype: the
+  `source` (storage-level indexing already applied) followed by `ops` (layout-only equations,
+  each with its number of extra operands, taken in order from `extras`), still to be run on the
+  dequantized array. A pytree over the source's arrays and `extras`, so it crosses `scan`, remat
+  and `cond` boundaries as codes and scales."""
+
+  def __init__(self, source: QuantizedArray, compute: Any, ops: tuple = (), extras: tuple = ()):
+    self.source, self.compute, self.ops, self.extras = source, compute, ops, extras
+
+  def tree_flatten(self):
+    return (self.source, self.extras), (self.compute, self.ops)
+
+  @classmethod
+  def tree_unflatten(cls, aux, kids):
+    return cls(kids[0], aux[0], aux[1], tuple(kids[1]))
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.ops[-1][0].outvars[0].aval.shape) if self.ops else self.source.shape
+
+  @property
+  def dtype(self) -> Any:
+    return self.ops[-1][0].outvars[0].aval.dtype if self.ops else self.compute
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def then(self, eqn: Any, extra: list) -> QuantizedBase:
+    return QuantizedBase(self.source, self.compute, (*self.ops, (eqn, len(extra))),
+                         (*self.extras, *extra))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +107,9 @@ class Tracked:
     return delta(self.a, self.b, self.scale, self.axes, None)
 
   def materialize(self) -> jax.Array:
-    """`W_view + ΔW_view` in W's dtype (see `layout.add_delta`)."""
-    return add_delta(self.w, self.a, self.b, self.scale, self.axes)
+    """`W_view + ΔW_view` in W's dtype (see `layout.add_delta`); a quantized `W` is dequantized."""
+    from .core import dense  # the ops of a quantized view are re-emitted by the driver's `bind`
+    return add_delta(dense(self.w), self.a, self.b, self.scale, self.axes)
 
 
 @dataclasses.dataclass(frozen=True)
