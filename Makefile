@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Extras to install: test,demo by default; CI adds interop (torch + PEFT) and bench (+ qwix).
+# Extras to install: test,demo by default; CI adds interop (torch + PEFT), bench (+ qwix) and tunix.
 # With interop or bench, torch==2.13.0 is installed first on its own (the CPU wheel where one is on the
 # find-links/index), so resolving peft & co. never swaps in another torch build.
 EXTRAS ?= test,demo
