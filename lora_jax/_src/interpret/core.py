@@ -303,7 +303,7 @@ def materialize(x: Any, ctx: Apply, why: str, primitive: str = "") -> Any:
   if isinstance(x, (Tracked, Parts)):
     for t in x.tracked() if isinstance(x, Parts) else [x]:
       ctx.record(t.site, Use("materialised", primitive or why, why))
-    return x.materialize()
+    return (x.replace(w=dense(x.w)) if isinstance(x, Tracked) else x).materialize()
   return x
 
 

@@ -107,9 +107,9 @@ class Tracked:
     return delta(self.a, self.b, self.scale, self.axes, None)
 
   def materialize(self) -> jax.Array:
-    """`W_view + ΔW_view` in W's dtype (see `layout.add_delta`); a quantized `W` is dequantized."""
-    from .core import dense  # the ops of a quantized view are re-emitted by the driver's `bind`
-    return add_delta(dense(self.w), self.a, self.b, self.scale, self.axes)
+    """`W_view + ΔW_view` in W's dtype (see `layout.add_delta`); `w` must be an array (the driver's
+    `materialize` dequantizes a `QuantizedBase` first)."""
+    return add_delta(self.w, self.a, self.b, self.scale, self.axes)
 
 
 @dataclasses.dataclass(frozen=True)
