@@ -232,11 +232,6 @@ def _drop_axis(layout: Layout, axis: int) -> Layout:
   return Layout(shift(layout.stack_axes), shift(layout.in_axes), shift(layout.out_axes))
 
 
-def is_quantized(x: Any) -> bool:
-  """True for a `QuantizedArray` (boxed or not)."""
-  return isinstance(unbox(x), QuantizedArray)
-
-
 def _storage_perm(layout: Layout) -> list[int]:
   return [*layout.stack_axes, *layout.out_axes, *layout.in_axes]
 
