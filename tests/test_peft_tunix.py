@@ -340,3 +340,47 @@ def test_readme_tunix_snippet_exports_what_peft_serves(tmp_path, monkeypatch):
   assert namespace["back_plan"].sites == plan.sites
   want, got = (lj_tree.flatten(lj.split(t)[0]) for t in (tree, namespace["back"]))
   assert want.keys() == got.keys() and all(np.array_equal(got[p], want[p]) for p in want)
+
+
+def test_templates_map_both_ways_and_name_what_does_not_fit():
+  km = lj.peft_key_map.templates({
+      "blocks/{i}/attn/q/w": "model.layers.{i}.self_attn.q_proj",  # unstacked, per-layer list
+      "params/scan/fc/kernel": "model.layers.{}.mlp.fc",  # stacked (L, in, out)
+      "blocks/{i}/attn/kv/w": ("model.layers.{i}.k.{}", "model.layers.{i}.v.{}"),  # fused + stack
+  })
+  cases = {("blocks/12/attn/q/w", ()): "model.layers.12.self_attn.q_proj",
+           ("params/scan/fc/kernel", (3,)): "model.layers.3.mlp.fc",
+           ("blocks/2/attn/kv/w", (1, 4)): "model.layers.2.v.4"}
+  for (path, index), module in cases.items():
+    assert km.to_peft(path, index) == module
+    assert km.from_peft(module) == (path, index)
+  assert km.to_peft("blocks/1/attn/o/w", ()) is None and km.from_peft("model.layers.1.o") is None
+  with pytest.raises(ValueError, match=r"blocks/2/attn/kv/w: a fused kernel .*layout_pattern"):
+    km.to_peft("blocks/2/attn/kv/w", ())
+  with pytest.raises(ValueError, match=r"params/scan/fc/kernel: layer index \(1, 2\) does not fit"):
+    km.to_peft("params/scan/fc/kernel", (1, 2))
+  with pytest.raises(ValueError, match=r"blocks/2/attn/kv/w: layer index \(2, 0\) does not fit"):
+    km.to_peft("blocks/2/attn/kv/w", (2, 0))
+  with pytest.raises(ValueError, match=r"'a/{i}/w' -> 'a.{j}': the module template must hold"):
+    lj.peft_key_map.templates({"a/{i}/w": "a.{j}"})
+  with pytest.raises(ValueError, match=r"'a/{}/w': a path template takes named fields"):
+    lj.peft_key_map.templates({"a/{}/w": "a.{}"})
+
+
+def test_tunix_maps_name_every_kernel_and_refuse_unknown_models():
+  llama = lj.peft_key_map.tunix("llama3")
+  assert llama.to_peft("layers/5/attn/o_proj/w", ()) == "model.layers.5.self_attn.o_proj"
+  assert llama.from_peft("lm_head") == ("lm_head/w", ()) and not llama.layout_pattern
+  # a 2-D leaf is torch's weight transposed, except the embedding table (torch stores it (V, D))
+  assert llama.is_transposed("lm_head/w") and not llama.is_transposed("embedder/input_embedding")
+  gemma = lj.peft_key_map.tunix("gemma3")
+  assert gemma.from_peft("model.layers.1.self_attn.v_proj") == ("layers/1/attn/kv_einsum/w", (1,))
+  assert gemma.from_peft("model.layers.1.self_attn.q_proj") == ("layers/1/attn/q_einsum/w", ())
+  qkv = lj.peft_key_map.tunix("gemma3", qkv_einsum=True)
+  assert qkv.from_peft("model.layers.1.self_attn.q_proj") == ("layers/1/attn/qkv_einsum/w", (0,))
+  config = lj.LoraConfig(targets=".*", layout_pattern=qkv.layout_pattern)
+  assert config.layout_for("layers/7/attn/qkv_einsum/w") == lj.Layout((0,), (2,), (1, 3))
+  with pytest.raises(ValueError, match=r"model must be one of \['gemma3', 'llama3', 'qwen3'\], got 'gpt2'"):
+    lj.peft_key_map.tunix("gpt2")
+  with pytest.raises(ValueError, match="qkv_einsum is a Gemma 3 layout"):
+    lj.peft_key_map.tunix("qwen3", qkv_einsum=True)
