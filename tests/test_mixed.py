@@ -238,3 +238,34 @@ def test_mixed_errors_name_the_problem():
   with pytest.raises(ValueError, match="w1_lora_a: shape"):
     lj.unmerged(entry.fn, bank.plan, adapter_ids=jnp.zeros(5, jnp.int32))(
         lj.combine(entry.variables, lj.select_adapter(bank, 0)[0]), entry.x)
+
+
+def test_batch_axis_and_per_example_dropout():
+  """Activations `(T, batch, D)` with `batch_axis=1` against float64 numpy per example; with a
+  dropout key, the base-only example is untouched and each adapted one draws its own mask."""
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((6, 5))
+  fn = lambda p, x: x @ p["w"]
+  base = {"w": jnp.asarray(w, jnp.float32)}
+  adapters = []
+  for rank, alpha in ((2, 2.0), (1, 5.0)):
+    plan = lj.plan(lj.LoraConfig(targets="w", rank=rank, alpha=alpha, dropout=0.5), base)
+    adapters.append(({"w_lora_a": rng.standard_normal((6, rank)),
+                      "w_lora_b": rng.standard_normal((rank, 5))}, plan))
+  bank = lj.stack_adapters([(jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), t), p)
+                            for t, p in adapters])
+  x = rng.standard_normal((3, 4, 6))
+  ids = jnp.asarray([0, 1, -1, 0], jnp.int32)
+  tree = lj.combine(base, lj.bank_tree(bank))
+  run = lambda key=None: lj.unmerged(fn, bank.plan, key, adapter_ids=ids, batch_axis=1,
+                                     scale=bank.scale)(tree, jnp.asarray(x, jnp.float32))
+  y = run()
+  for b, i in enumerate(np.asarray(ids)):
+    t, plan = adapters[i] if i >= 0 else (None, None)
+    w_b = w if t is None else w + plan.sites[0].scale * t["w_lora_a"] @ t["w_lora_b"]
+    np.testing.assert_allclose(y[:, b], x[:, b] @ w_b, rtol=1e-5, atol=1e-5)
+  dropped = run(jax.random.key(1))
+  np.testing.assert_array_equal(dropped[:, 2], y[:, 2])
+  # examples 0 and 3 share adapter 0 but not their masks
+  assert not np.allclose(dropped[:, 0], y[:, 0])
+  assert not np.allclose(dropped[:, 3] - y[:, 3], dropped[:, 0] - y[:, 0])
