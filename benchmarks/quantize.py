@@ -60,7 +60,7 @@ def _qwix_row(s, args, adapters, tx) -> dict:
   opt_state = tx.init(qad)
   compiled = step.lower(qad, opt_state, {"params": qparams}, s.tokens).compile()
   jax.block_until_ready(step(qad, opt_state, {"params": qparams}, s.tokens))
-  return {"bytes_per_param": float("nan"), "memory": memory_of(compiled), "step_ms": _median_ms(
+  return {"bytes_per_param": None, "memory": memory_of(compiled), "step_ms": _median_ms(
       lambda: step(qad, opt_state, {"params": qparams}, s.tokens), args.reps)}
 
 
@@ -111,7 +111,8 @@ def main(argv=None) -> dict:
       print(f"{name:24s}{r['missing']}")
       continue
     m = r["memory"] or {}
-    print(f"{name:24s}{r['bytes_per_param']:12.3f}{m.get('args', 0) / 2**20:10.1f}"
+    per_param = "n/a" if r["bytes_per_param"] is None else f"{r['bytes_per_param']:.3f}"
+    print(f"{name:24s}{per_param:>12s}{m.get('args', 0) / 2**20:10.1f}"
           f"{m.get('temps', 0) / 2**20:10.1f}{r['step_ms']:10.1f}{r['step_ms'] / ref['step_ms']:7.2f}x")
   with open(os.path.join(os.path.dirname(__file__), "quantize_results.json"), "w") as f:
     json.dump(result, f, indent=1)

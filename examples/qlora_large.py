@@ -147,7 +147,7 @@ def init_layer(key: jax.Array, shape: Shape) -> dict[str, jax.Array]:
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_layer(stacked: Any, layer: Any, index: jax.Array) -> Any:
-  """`stacked[:, index] = layer` for every array of the tree, in place (donated)."""
+  """`stacked[index] = layer[0]` for every array of the tree, in place (donated)."""
   return jax.tree_util.tree_map(
       lambda s, x: jax.lax.dynamic_update_index_in_dim(s, x[0].astype(s.dtype), index, 0), stacked, layer)
 
@@ -161,7 +161,9 @@ def quantized_layers(shape: Shape, plan: lj.Plan, one_layer: lj.Plan, key: jax.A
   in place, so at most one layer is ever held in float32.
 
   Returns:
-    `{name: array (L, ...) or lj.QuantizedArray}` for the adapted kernels of `plan`.
+    `{name: ...}` for every parameter of a layer, stacked on a leading axis of `L` layers: an
+    `lj.QuantizedArray` for the adapted kernels of `plan`, a float32 array `(L, d_model)` for
+    the RMSNorm gains.
   """
   init = jax.jit(functools.partial(init_layer, shape=shape))
   sites = {s.path: s for s in plan.sites}
