@@ -25,6 +25,13 @@ from common import add_model_args, build, check_model_args, lora_step, memory_of
 
 import lora_jax as lj
 
+try:
+  import qwix
+  import qwix_lm
+  from common import xent
+except ImportError:  # the qwix row prints "n/a (not installed)"
+  qwix = None
+
 
 def _median_ms(fn, reps: int) -> float:
   times = []
@@ -33,6 +40,28 @@ def _median_ms(fn, reps: int) -> float:
     jax.block_until_ready(fn())
     times.append((time.perf_counter() - start) * 1e3)
   return statistics.median(times)
+
+
+def _qwix_row(s, args, adapters, tx) -> dict:
+  """qwix's NF4 QLoRA on the same model and adapters (`LoraProvider(weight_qtype="nf4",
+  tile_size=64)`: absmax per 64 input weights, no double quantization), the same step timing."""
+  if qwix is None:
+    return {"missing": "n/a (qwix not installed)"}
+  provider = qwix.LoraProvider(module_path=qwix_lm.MODULE_PATH, rank=args.rank, alpha=args.alpha,
+                               weight_qtype="nf4", tile_size=64)
+  qmodel = qwix.apply_lora_to_model(s.model, provider)
+  try:
+    abstract = jax.eval_shape(qmodel.init, jax.random.key(0), s.tokens)
+  except ValueError as e:  # e.g. a head size that 64 does not divide
+    return {"missing": f"n/a ({e})"}
+  qparams = qwix.quantize_params(lj.split(s.tree)[1]["params"], abstract["params"])
+  qad = qwix_lm.tree_from_lora_jax(adapters)
+  step = jax.jit(qwix_lm.train_step(qmodel, tx, xent))
+  opt_state = tx.init(qad)
+  compiled = step.lower(qad, opt_state, {"params": qparams}, s.tokens).compile()
+  jax.block_until_ready(step(qad, opt_state, {"params": qparams}, s.tokens))
+  return {"bytes_per_param": None, "memory": memory_of(compiled), "step_ms": _median_ms(
+      lambda: step(qad, opt_state, {"params": qparams}, s.tokens), args.reps)}
 
 
 def main(argv=None) -> dict:
@@ -67,6 +96,7 @@ def main(argv=None) -> dict:
     jax.block_until_ready(step(adapters, opt_state, b, s.tokens))
     rows[name] = {"bytes_per_param": held / n_params, "memory": memory_of(compiled),
                   "step_ms": _median_ms(lambda b=b: step(adapters, opt_state, b, s.tokens), args.reps)}
+  rows["qwix nf4"] = _qwix_row(s, args, adapters, tx)
   layer = max(site.fan_in * site.fan_out for site in s.plan.sites) * 4
   fields = ("layers", "d_model", "heads", "vocab", "batch", "seq", "rank")
   result = {"model": {k: getattr(args, k) for k in fields},
@@ -77,8 +107,12 @@ def main(argv=None) -> dict:
         f"pass {copy_ms:.1f} ms ({quant_ms / copy_ms:.0f}x)")
   print(f"{'base':24s}{'bytes/param':>12s}{'args MB':>10s}{'temps MB':>10s}{'step ms':>10s}{'vs f32':>8s}")
   for name, r in rows.items():
+    if "missing" in r:
+      print(f"{name:24s}{r['missing']}")
+      continue
     m = r["memory"] or {}
-    print(f"{name:24s}{r['bytes_per_param']:12.3f}{m.get('args', 0) / 2**20:10.1f}"
+    per_param = "n/a" if r["bytes_per_param"] is None else f"{r['bytes_per_param']:.3f}"
+    print(f"{name:24s}{per_param:>12s}{m.get('args', 0) / 2**20:10.1f}"
           f"{m.get('temps', 0) / 2**20:10.1f}{r['step_ms']:10.1f}{r['step_ms'] / ref['step_ms']:7.2f}x")
   with open(os.path.join(os.path.dirname(__file__), "quantize_results.json"), "w") as f:
     json.dump(result, f, indent=1)
