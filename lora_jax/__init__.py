@@ -3,7 +3,14 @@
 from ._src import checkpoint
 from ._src.adapters import LoraWeight, attach, combine, split, strip, trainable_mask
 from ._src.apply import merged, unmerged
-from ._src.banks import AdapterBank, select_adapter, stack_adapters, weighted_adapter
+from ._src.banks import (
+  AdapterBank,
+  bank_tree,
+  pad_adapter,
+  select_adapter,
+  stack_adapters,
+  weighted_adapter,
+)
 from ._src.checkpoint import CheckpointError, load_adapter, save_adapter
 from ._src.config import LoraConfig
 from ._src.layout import Layout, Role
@@ -21,4 +28,5 @@ __all__ = ["CheckpointError", "apply_updates", "Layout", "LoraConfig", "LoraWeig
            "checkpoint", "combine", "delta", "dequantize", "export_peft", "freeze_base", "import_peft",
            "load_adapter", "merge", "merged", "peft_key_map", "plan", "quantize", "save_adapter", "split",
            "strip", "trainable_mask", "unmerged"]
-__all__ += ["AdapterBank", "select_adapter", "stack_adapters", "weighted_adapter"]
+__all__ += ["AdapterBank", "bank_tree", "pad_adapter", "select_adapter", "stack_adapters",
+            "weighted_adapter"]

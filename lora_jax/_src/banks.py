@@ -305,6 +305,52 @@ def _select(lora_a: dict[str, Any], lora_b: dict[str, Any], scale: dict[str, Any
   return factors
 
 
+def bank_tree(bank: AdapterBank) -> PyTree:
+  """The bank's factors as one adapter tree whose leaves have a leading adapter axis, for
+  `lj.unmerged(fn, bank.plan, adapter_ids=ids, scale=bank.scale)(lj.combine(params, tree), x)`.
+
+  Args:
+    bank: from `stack_adapters`.
+
+  Returns:
+    The LoRA leaves in the structure of the stacked adapters' trees: per site
+    `A: (N, *stack, *in, r_max)`, `B: (N, *stack, r_max, *out)` (the bank's arrays themselves, so
+    gradients with respect to this tree train all N adapters at once).
+  """
+  return _tree(bank, {p: (bank.lora_a[p], bank.lora_b[p]) for p in bank.lora_a})
+
+
+def pad_adapter(adapter: Adapter, rank: int) -> tuple[PyTree, Plan, dict[str, jax.Array]]:
+  """One adapter in a swappable form: factors zero-padded to `rank` and its scales as data.
+
+  Every adapter of the same sites with rank ≤ `rank` gives the same plan and tree shapes, so
+  `lj.unmerged(fn, plan, scale=scale)(lj.combine(params, tree), x)` under `jit` (a forward or a
+  train step) does not recompile when another adapter, of any rank ≤ `rank` and any alpha, is
+  swapped in. Unlike `select_adapter`, the scale stays outside the factors: training the padded
+  adapter follows the same gradients as under its own plan (in its first `r` columns).
+
+  Args:
+    adapter: `(tree, plan)` as `lj.load_adapter` / `lj.import_peft` return it.
+    rank: the rank to pad to (≥ the adapter's rank at every site; capped per site at
+      `min(fan_in, fan_out)`).
+
+  Returns:
+    `(tree, plan, scale)`: the LoRA leaves (`A: (*stack, *in, rank)`, `B: (*stack, rank, *out)`),
+    the plan at `rank` (its static scales are 1 and unused), and `{path: scalar array}` (the
+    adapter's `alpha/r`) for `unmerged`'s `scale=`.
+
+  Raises:
+    ValueError: a site of the adapter has rank above `rank`, or what `stack_adapters` raises.
+  """
+  _, plan = adapter
+  over = [s.path for s in plan.sites if s.rank > min(rank, s.fan_in, s.fan_out)]
+  if over:
+    raise ValueError(f"pad_adapter: {over[0]}: rank {plan.site(over[0]).rank} is above {rank}")
+  bank = stack_adapters([adapter], pad_to=rank)
+  tree = _tree(bank, {p: (bank.lora_a[p][0], bank.lora_b[p][0]) for p in bank.lora_a})
+  return tree, bank.plan, {p: s[0] for p, s in bank.scale.items()}
+
+
 # ---- adapter algebra -------------------------------------------------------------------------
 # Task tensors are handled as `(N, S, M)`: N adapters, S stack slices (one PEFT module each), M
 # entries per slice (a factor or ΔW flattened), so top-k, quantiles and SVDs run per slice, as

@@ -4,7 +4,7 @@ running the driver over it in either mode."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -57,14 +57,18 @@ class Traced:
     return ctx.found
 
   def run(self, sites: Sequence[Site], factors: dict[str, tuple[Any, Any]], ctx: Apply,
-          values: Sequence[Any] | None = None, arg_values: Sequence[Any] | None = None) -> Any:
-    """Run the apply halves with each site's kernel tracked with its `(A, B)`; returns the
-    function's output pytree (a kernel returned as-is comes back as `W + ΔW`)."""
+          values: Sequence[Any] | None = None, arg_values: Sequence[Any] | None = None,
+          scales: Mapping[str, Any] | None = None) -> Any:
+    """Run the apply halves with each site's kernel tracked with its `(A, B)` and scale
+    (`scales[path]`, a scalar array, where given: data, so a new value does not recompile; else
+    the site's static `scale`); returns the function's output pytree (a kernel returned as-is
+    comes back as `W + ΔW`)."""
     invals = [QuantizedBase(x, dtype) if isinstance(x, QuantizedArray) else x
               for x, dtype in zip(self.values if values is None else values, self.compute)]
     for i, s in enumerate(sites):
       j = self.index(s.path)
-      invals[j] = Tracked.from_kernel(invals[j], *factors[s.path], s.layout, i, s.scale)
+      scale = s.scale if scales is None or s.path not in scales else scales[s.path]
+      invals[j] = Tracked.from_kernel(invals[j], *factors[s.path], s.layout, i, scale)
     args = list(self.arg_values if arg_values is None else arg_values)
     outs = eval_jaxpr(self.jaxpr.jaxpr, self.jaxpr.consts, invals + args, ctx)
     outs = [dense(materialize(o, ctx, "returned")) for o in outs]
