@@ -71,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   check_model_args(p, args)
   if args.quick:
+    args.adapters = min(args.adapters, args.batch)
     args.scaling_batch, args.scaling_seq = 8, 16
     args.scaling_adapters = [a for a in args.scaling_adapters if a <= 8]
     args.scaling_batches = [b for b in args.scaling_batches if b <= 4]

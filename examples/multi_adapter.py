@@ -95,6 +95,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--combine", nargs=2, default=None, metavar=("TASK1", "TASK2"),
                       help="the two tasks whose adapters weighted_adapter combines (default: the "
                            "first two of --tasks)")
+  parser.add_argument("--alpha-factors", type=float, nargs="*", default=[0.5, 2.0],
+                      help="hot swap also each trained adapter with its alpha times each factor "
+                           "(at most 10 swaps in all)")
+  parser.add_argument("--combination-types", nargs="+", default=["cat", "svd", "ties_svd"],
+                      help="lj.weighted_adapter combination types to try (PEFT's names; the "
+                           "ties, dare and magnitude_prune types with density 0.5; linear and "
+                           "the other factor types need equal ranks)")
   parser.add_argument("--plot", default="multi_adapter.png",
                       help="where to save a PNG of the per-task accuracies ('' for no plot)")
   args = parser.parse_args(argv)
@@ -170,7 +177,11 @@ def mixed_forward(model: MLP, variables: Any) -> Callable[[lj.AdapterBank, jax.A
 
   @jax.jit
   def serve(bank: lj.AdapterBank, ids: jax.Array, x: jax.Array) -> jax.Array:
-    return lj.unmerged(model.apply, bank.plan, adapter_ids=ids)(lj.combine(variables, bank), x)
+    # The bank's factors carry a leading adapter axis (`lj.bank_tree`); its per-adapter scales
+    # go in as data, so another bank of the same shapes (other alphas, ranks <= r_max) reuses
+    # this program.
+    run = lj.unmerged(model.apply, bank.plan, adapter_ids=ids, scale=bank.scale)
+    return run(lj.combine(variables, lj.bank_tree(bank)), x)
   return serve
 
 
@@ -237,6 +248,12 @@ def main(argv=None) -> dict[str, Any]:
   alone = alone_forward(model, variables)
   alone_logits = [alone(a, t.x_test) for a, t in zip(adapters, tasks)]
   alone_acc = {t.name: accuracy(lg, t.y_test) for t, lg in zip(tasks, alone_logits)}
+  # The unmerged references against the merged model `W + s·A·B` (a different computation).
+  merged_diff = max(float(np.max(np.abs(np.asarray(lg) - np.asarray(
+      base(lj.merge(plan, lj.combine(variables, tree)), t.x_test)))))
+      for (tree, plan), t, lg in zip(adapters, tasks, alone_logits))
+  print(f"each adapter alone (unmerged) vs merged into the base: max |logits difference| = "
+        f"{merged_diff:.1e}")
 
   # 2. One bank, one mixed batch: every task's test images with their adapter's id, and the
   # upright images with -1 (base only), shuffled, through one jitted call.
@@ -260,48 +277,55 @@ def main(argv=None) -> dict[str, Any]:
     mixed_acc[task.name] = accuracy(rows, task.y_test)
     mixed_diff[task.name] = float(np.max(np.abs(rows - np.asarray(ref))))
   print(f"\nmixed batch: {len(ids)} images of {len(tasks) + 1} tasks (ids -1..{len(tasks) - 1}, "
-        f"shuffled) in one jitted call of `lj.unmerged(model.apply, bank.plan, adapter_ids=ids)`")
+        "shuffled) in one jitted call of lj.unmerged(model.apply, bank.plan, adapter_ids=ids, "
+        "scale=bank.scale) on lj.combine(params, lj.bank_tree(bank))")
 
   # 3. Hot swap: one jitted forward whose adapter is data. Ten adapters of ranks <= r_max and
-  # various alphas, each padded to r_max by `stack_adapters([a], pad_to=r_max)` (same shapes,
+  # various alphas, each padded to r_max by `lj.pad_adapter` (same plan and shapes for all, the
   # scales as arrays), go through it; only the first call compiles.
-  @jax.jit
-  def serve_one(slot: lj.AdapterBank, x: jax.Array) -> jax.Array:
-    tree, plan = lj.select_adapter(slot, 0)
-    return lj.unmerged(model.apply, plan)(lj.combine(variables, tree), x)
-
   trained = list(zip(names, ranks, alphas, adapters, tasks))
   swaps = [(f"{n} (r={r}, alpha={a:g})", ad, t) for n, r, a, ad, t in trained]
   swaps += [(f"{n} (r={r}, alpha={a * f:g})", with_alpha(ad, f), t)
-            for n, r, a, ad, t in trained for f in (0.5, 2.0)]
+            for n, r, a, ad, t in trained for f in args.alpha_factors]
   swaps = swaps[:10]
-  slots = [lj.stack_adapters([ad], names=["slot"], pad_to=r_max) for _, ad, _ in swaps]
-  jax.block_until_ready(serve_one(slots[0], tasks[0].x_test))  # the one compile
+  padded = [lj.pad_adapter(ad, r_max) for _, ad, _ in swaps]
+  slot_plan = padded[0][1]
+  # One plan for every adapter of rank <= r_max: nothing static changes between swaps.
+  assert all(plan == slot_plan for _, plan, _ in padded)
+  references = [alone(ad, t.x_test) for _, ad, t in swaps]  # compiled here, outside the count
+
+  @jax.jit
+  def serve_one(tree: Any, scale: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    return lj.unmerged(model.apply, slot_plan, scale=scale)(lj.combine(variables, tree), x)
+
+  jax.block_until_ready(serve_one(padded[0][0], padded[0][2], tasks[0].x_test))  # the one compile
   cache_before = serve_one._cache_size()
   events, stop = count_compiles()
-  swap_rows, swap_diff = [], 0.0
   try:
-    for (label, adapter, task), slot in zip(swaps, slots):
-      logits = serve_one(slot, task.x_test)
-      diff = float(np.max(np.abs(np.asarray(logits) - np.asarray(alone(adapter,
-                                                                        task.x_test)))))
-      swap_diff = max(swap_diff, diff)
-      swap_rows.append((label, f"{accuracy(logits, task.y_test):.1%}", f"{diff:.1e}"))
+    swapped = [jax.block_until_ready(serve_one(tree, scale, t.x_test))
+               for (tree, _, scale), (_, _, t) in zip(padded, swaps)]
   finally:
     stop()
-  # `alone` compiles its own reference programs: count only serve_one's cache entries and the
-  # compiles that happened inside serve_one's calls (none expected, so any event is checked below
-  # against the cache).
-  swap_compiles = serve_one._cache_size() - cache_before
-  print(f"\nhot swap: {len(swaps)} adapters through one jitted forward, padded to r_max={r_max}: "
-        f"{swap_compiles} recompiles (jit cache {cache_before} -> {serve_one._cache_size()}; "
-        f"{len(events)} backend compiles in all, for the references)")
+  swap_compiles = max(len(events), serve_one._cache_size() - cache_before)
+  swap_rows, swap_diff = [], 0.0
+  for (label, _, task), logits, ref in zip(swaps, swapped, references):
+    diff = float(np.max(np.abs(np.asarray(logits) - np.asarray(ref))))
+    swap_diff = max(swap_diff, diff)
+    swap_rows.append((label, f"{accuracy(logits, task.y_test):.1%}", f"{diff:.1e}"))
+  print(f"\nhot swap: {len(swaps)} adapters through one jitted forward, padded to r_max={r_max} by "
+        f"lj.pad_adapter: {swap_compiles} recompiles ({len(events)} XLA compiles, jit cache "
+        f"{cache_before} -> {serve_one._cache_size()})")
   print_table(("swapped-in adapter", "accuracy", "max |diff| vs alone"), swap_rows)
 
   # 4. Adapter algebra: the two --combine adapters summed with weights (1, 1).
   pair = [names.index(n) for n in args.combine]
   combined_acc = {}
-  for kind, kw in (("cat", {}), ("svd", {}), ("ties_svd", {"density": 0.5})):
+  for kind in args.combination_types:
+    kw: dict[str, Any] = {}
+    if any(word in kind for word in ("ties", "dare", "magnitude_prune")):
+      kw["density"] = 0.5
+    if kind.startswith("dare"):
+      kw["key"] = keys[2]
     combo = lj.weighted_adapter([adapters[k] for k in pair], [1.0, 1.0], kind, **kw)
     combined_acc[kind] = [accuracy(alone(combo, tasks[k].x_test), tasks[k].y_test)
                           for k in pair]
@@ -309,6 +333,8 @@ def main(argv=None) -> dict[str, Any]:
         "task (alone: " + ", ".join(f"{alone_acc[names[k]]:.1%}" for k in pair) + "):")
   print_table(("combination_type", *args.combine),
               [(kind, *(f"{a:.1%}" for a in accs)) for kind, accs in combined_acc.items()])
+  print("(one set of weights serves both tasks only as far as their updates agree; the mixed batch "
+        "serves each example its own adapter)")
 
   every = [*names, "upright"]
   head = ("task (adapter id)", "base", "adapter alone", "mixed batch", "max |diff|")
@@ -332,7 +358,7 @@ def main(argv=None) -> dict[str, Any]:
         f"cat({args.combine[0]}, {args.combine[1]})": combo_row})
     print(f"plot saved to {args.plot}")
   print(f"total wall time {time.perf_counter() - t_start:.1f}s")
-  return {"base_acc": base_acc, "alone_acc": alone_acc, "mixed_acc": mixed_acc,
+  return {"base_acc": base_acc, "alone_acc": alone_acc, "merged_diff": merged_diff, "mixed_acc": mixed_acc,
           "mixed_diff": mixed_diff, "swaps": len(swaps), "swap_compiles": swap_compiles,
           "swap_diff": swap_diff, "combined_acc": combined_acc, "train_s": train_s}
 
