@@ -16,10 +16,11 @@ def test_multi_adapter_example():
     import multi_adapter
   finally:
     sys.path.remove(str(EXAMPLES))
+  # No plot: matplotlib's import would be a quarter of the test's time.
   out = multi_adapter.main([
       "--tasks", "rot90", "rot270", "--ranks", "2", "4", "--alphas", "4", "2",
       "--pretrain-steps", "200", "--steps", "150", "--hidden", "32", "32",
-      "--alpha-factors", "2", "--combination-types", "cat", "--plot", ""])  # no plot: matplotlib's import is 1/4 of the time
+      "--alpha-factors", "2", "--combination-types", "cat", "--plot", ""])
   tasks = ["rot90", "rot270"]
   # The adapters learned their tasks: the base is near chance on rotated digits.
   for t in tasks:
