@@ -66,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--scaling-batches", type=int, nargs="*", default=[1, 2, 4, 8, 16],
                  help="batch sizes of the batch sweep (x --seq tokens)")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch + PEFT twin")
+  p.add_argument("--groups", nargs="+", default=["forward", "adapters", "batch"],
+                 choices=["forward", "adapters", "batch"], help="which groups to run (default all)")
   p.add_argument("--out", default=os.path.join(HERE, "multi_adapter_results.json"),
                  help="where to write every measurement (default benchmarks/multi_adapter_results.json)")
   args = p.parse_args(argv)
@@ -300,19 +302,20 @@ def forward_group(args: argparse.Namespace, s: Setup) -> tuple[list[Variant], di
 
 
 def sweep_adapters(args: argparse.Namespace, s: Setup) -> list[Variant]:
-  """Mixed with d distinct adapters in a batch of --scaling-batch x --scaling-seq, and the
-  single-adapter forward of that shape."""
+  """Mixed with d distinct adapters in a batch of --scaling-batch x --scaling-seq, the loop of d
+  jitted single-adapter calls on the sub-batches, and the single-adapter forward of that shape."""
   apply, base = s.model.apply, lj.strip(s.tree)
   tokens = jax.random.randint(jax.random.key(7), (args.scaling_batch, args.scaling_seq), 0,
                               args.vocab, jnp.int32)
   adapters = make_adapters(s, max(args.scaling_adapters), seed=2)
-  mixed = mixed_fn(apply)
-  out = [Variant("single adapter", "adapters", single_fn(apply, s.plan),
-                 [base, adapters[0][0], tokens])]
+  mixed, single = mixed_fn(apply), single_fn(apply, s.plan)
+  out = [Variant("single adapter", "adapters", single, [base, adapters[0][0], tokens])]
   for d in args.scaling_adapters:
     bank = lj.stack_adapters(adapters[:d], pad_to=args.rank)
-    ids = jnp.arange(args.scaling_batch, dtype=jnp.int32) % d
-    out.append(Variant(f"mixed, {d} distinct", "adapters", mixed, [base, bank, ids, tokens]))
+    ids = np.arange(args.scaling_batch, dtype=np.int32) % d
+    out += [Variant(f"mixed, {d} distinct", "adapters", mixed, [base, bank, jnp.asarray(ids), tokens]),
+            Variant(f"loop, {d} jitted calls", "adapters", loop_calls(single, base, adapters, tokens, ids),
+                    [], jitted=False)]
   return out
 
 
@@ -331,6 +334,21 @@ def sweep_batch(args: argparse.Namespace, s: Setup) -> list[Variant]:
   return out
 
 
+def print_checks(checks: dict[str, Any]) -> None:
+  swap = checks["hot_swap"]
+  lines = [
+      ("mixed rows vs each adapter alone", f"max |diff| {checks['max_abs_diff_adapter_rows']:.2e} "
+       f"(logits up to {checks['max_abs_logit']:.1f})"),
+      ("mixed base rows (id -1) vs base", f"max |diff| {checks['max_abs_diff_base_rows']:.2e}"),
+      ("hot swap: 10 banks + 10 single adapters", f"{swap['backend_compiles']} compiles; jit cache "
+       f"{swap['cache_sizes_before']} -> {swap['cache_sizes_after']}")]
+  if "peft_mixed_vs_ours_max_abs_diff" in checks:
+    lines.append(("PEFT mixed vs lora_jax mixed",
+                  f"max |diff| {checks['peft_mixed_vs_ours_max_abs_diff']:.2e}"))
+  print("\nchecks:")
+  print(format_table(("check", "result"), lines, left=2))
+
+
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
   jax.config.update("jax_default_matmul_precision", "highest")
@@ -344,49 +362,40 @@ def main(argv=None) -> dict[str, Any]:
   prime = not args.no_prime
   n = args.adapters
 
-  print("\nforward group (compile + warm-up):")
-  fwd, checks = forward_group(args, s)
-  timed(fwd, args.reps, prime)
-  rows = [("base", "single adapter"), (f"mixed, {n} adapters", "single adapter"),
-          (f"loop, {n} jitted calls", f"mixed, {n} adapters"), ("loop in one jit", f"mixed, {n} adapters")]
-  names = {v.name for v in fwd}
-  if "torch base" in names:
-    rows += [("peft single adapter", "torch base"), (f"peft mixed, {n} adapters", "peft single adapter"),
-             (f"peft mixed, {n} adapters", f"mixed, {n} adapters")]
-  forward = ratio_results(fwd, rows)
-  print(ratio_table(forward))
+  out: dict[str, Any] = {}
+  if "forward" in args.groups:
+    print("\nforward group (compile + warm-up):")
+    fwd, checks = forward_group(args, s)
+    timed(fwd, args.reps, prime)
+    rows = [("base", "single adapter"), (f"mixed, {n} adapters", "single adapter"),
+            (f"loop, {n} jitted calls", f"mixed, {n} adapters"), ("loop in one jit", f"mixed, {n} adapters")]
+    if "torch base" in {v.name for v in fwd}:
+      rows += [("peft single adapter", "torch base"), (f"peft mixed, {n} adapters", "peft single adapter"),
+               (f"peft mixed, {n} adapters", f"mixed, {n} adapters")]
+    out["forward"] = ratio_results(fwd, rows)
+    print(ratio_table(out["forward"]))
+    out["checks"] = checks
+    print_checks(checks)
 
-  print(f"\nadapter-count sweep, batch {args.scaling_batch} x {args.scaling_seq} (compile + warm-up):")
-  ads = sweep_adapters(args, s) if args.scaling_adapters else []
-  timed(ads, args.reps, prime)
-  by_count = ratio_results(ads, [(v.name, "single adapter") for v in ads[1:]])
-  if by_count:
-    print(ratio_table(by_count))
+  if "adapters" in args.groups and args.scaling_adapters:
+    print(f"\nadapter-count sweep, batch {args.scaling_batch} x {args.scaling_seq} (compile + warm-up):")
+    ads = sweep_adapters(args, s)
+    timed(ads, args.reps, prime)
+    out["adapter_count"] = ratio_results(ads, [(v.name, "single adapter") for v in ads[1:]] + [
+        (f"loop, {d} jitted calls", f"mixed, {d} distinct") for d in args.scaling_adapters])
+    print(ratio_table(out["adapter_count"]))
 
-  print(f"\nbatch sweep, x {args.seq} tokens, bank of {n} (compile + warm-up):")
-  bat = sweep_batch(args, s)
-  timed(bat, args.reps, prime)
-  by_batch = ratio_results(bat, [(f"mixed, batch {b}", f"single adapter, batch {b}")
-                                 for b in args.scaling_batches])
-  if by_batch:
-    print(ratio_table(by_batch))
+  if "batch" in args.groups and args.scaling_batches:
+    print(f"\nbatch sweep, x {args.seq} tokens, bank of {n} (compile + warm-up):")
+    bat = sweep_batch(args, s)
+    timed(bat, args.reps, prime)
+    out["batch"] = ratio_results(bat, [(f"mixed, batch {b}", f"single adapter, batch {b}")
+                                       for b in args.scaling_batches])
+    print(ratio_table(out["batch"]))
 
-  swap = checks["hot_swap"]
-  print("\nchecks:")
-  lines = [
-      ("mixed rows vs each adapter alone", f"max |diff| {checks['max_abs_diff_adapter_rows']:.2e} "
-       f"(logits up to {checks['max_abs_logit']:.1f})"),
-      ("mixed base rows (id -1) vs base", f"max |diff| {checks['max_abs_diff_base_rows']:.2e}"),
-      ("hot swap: 10 banks + 10 single adapters", f"{swap['backend_compiles']} compiles; jit cache "
-       f"{swap['cache_sizes_before']} -> {swap['cache_sizes_after']}")]
-  if "peft_mixed_vs_ours_max_abs_diff" in checks:
-    lines.append(("PEFT mixed vs lora_jax mixed",
-                  f"max |diff| {checks['peft_mixed_vs_ours_max_abs_diff']:.2e}"))
-  print(format_table(("check", "result"), lines, left=2))
   print(f"\ntotal {time.perf_counter() - t0:.0f} s; load average now {os.getloadavg()[0]:.1f} on "
         f"{os.cpu_count()} cores (a shared machine: medians, and CPU-time ratios beside them)")
-  return write_results(args, {"checks": checks, "forward": forward, "adapter_count": by_count,
-                              "batch": by_batch})
+  return write_results(args, out)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,19 @@ The tasks are the digits demo's (examples/digits_mlp.py, data ships with scikit-
 MLP is pretrained on upright 8x8 digits, then one adapter per transformation of the images —
 rotated by 90, 180 and 270 degrees, and mirrored — each with its own rank and alpha:
 
-1. train the adapters one after another on the frozen base (`lj.freeze_base`);
+1. train the adapters one after another on the frozen base (gradients for the adapters only,
+   `lj.split` / `lj.combine`);
 2. stack them into a bank (`lj.stack_adapters`, zero-padded to the largest rank) and serve a
    shuffled batch holding the test images of every task, each with its adapter's id, plus
    upright images with id -1 (the base alone), in ONE jitted call
-   (`lj.unmerged(..., adapter_ids=ids)`); compare every row with its adapter applied alone;
-3. hot-swap: one jitted forward, ten adapters of different ranks (<= r_max) and alphas swapped
-   in as data; count the compilations (0 after the first);
+   (`lj.unmerged(fn, bank.plan, adapter_ids=ids, scale=bank.scale)`); compare every row with
+   its adapter applied alone;
+3. hot-swap: one jitted forward, ten adapters of different ranks (<= r_max) and alphas, each
+   padded by `lj.pad_adapter` and swapped in as data; count the compilations (0 after the first);
 4. combine two adapters with `lj.weighted_adapter` (`cat`, `svd`, `ties_svd`) and measure the
    combined adapter on both tasks.
 
-    python examples/multi_adapter.py                            # ~1 min on 2 CPU cores
+    python examples/multi_adapter.py          # ~50 s of CPU time (4 min on our loaded 2-core VM)
     python examples/multi_adapter.py --plot docs/multi_adapter.png
 
 Deterministic for a given --seed.
