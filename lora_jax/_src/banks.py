@@ -342,13 +342,22 @@ def pad_adapter(adapter: Adapter, rank: int) -> tuple[PyTree, Plan, dict[str, ja
   Raises:
     ValueError: a site of the adapter has rank above `rank`, or what `stack_adapters` raises.
   """
-  _, plan = adapter
-  over = [s.path for s in plan.sites if s.rank > min(rank, s.fan_in, s.fan_out)]
+  tree, plan = adapter
+  ranks = {s.path: min(rank, s.fan_in, s.fan_out) for s in plan.sites}
+  over = [s.path for s in plan.sites if s.rank > ranks[s.path]]
   if over:
     raise ValueError(f"pad_adapter: {over[0]}: rank {plan.site(over[0]).rank} is above {rank}")
-  bank = stack_adapters([adapter], pad_to=rank)
-  tree = _tree(bank, {p: (bank.lora_a[p][0], bank.lora_b[p][0]) for p in bank.lora_a})
-  return tree, bank.plan, {p: s[0] for p, s in bank.scale.items()}
+  factors = _factors(tree, plan, "pad_adapter")
+  treedef, leaf_names = _template(tree)
+  leaves, scale = {}, {}
+  for s in plan.sites:
+    a, b = factors[s.path]
+    dtype = factor_dtype(jnp.result_type(a, b))
+    leaves[s.path + LORA_A] = _pad_rank(jnp.asarray(a, dtype), -1, ranks[s.path])
+    leaves[s.path + LORA_B] = _pad_rank(jnp.asarray(b, dtype), len(s.layout.stack_axes), ranks[s.path])
+    scale[s.path] = jnp.asarray(s.scale, dtype)
+  padded = jax.tree_util.tree_unflatten(treedef, [leaves[n] for n in leaf_names])
+  return padded, _unit_plan(plan, ranks), scale
 
 
 # ---- adapter algebra -------------------------------------------------------------------------
