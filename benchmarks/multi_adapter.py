@@ -15,7 +15,8 @@ Groups (each timed interleaved A B C, B C A, ...; medians over --reps calls afte
             loop in one jit         the same loop unrolled inside one jitted function
             torch base / peft single adapter / peft mixed (`adapter_names=`), the PyTorch twin
   adapters  mixed with d distinct adapters (bank of d, ids b % d) at --scaling-batch x
-            --scaling-seq tokens, vs the single-adapter forward of that shape
+            --scaling-seq tokens, vs the single-adapter forward of that shape, and the loop of d
+            jitted single-adapter calls on the sub-batches vs the mixed call
   batch     mixed (8 adapters) vs single adapter at batch 1, 2, 4, ... x --seq
 
 Checks: every mixed-batch row equals its adapter applied alone (max |logits difference|), and the
@@ -23,8 +24,9 @@ base-only rows (id -1) equal the base; hot swap: compiles (jax.monitoring) and j
 across 10 swaps of banks of different ranks <= r_max and alphas, and of single adapters padded to
 r_max.
 
-  python benchmarks/multi_adapter.py           # the full CPU run
-  python benchmarks/multi_adapter.py --quick   # tiny model, smoke run
+  python benchmarks/multi_adapter.py --reps 5                    # the CPU run of RESULTS.md (~30 min loaded)
+  python benchmarks/multi_adapter.py --reps 5 --groups adapters  # one group only
+  python benchmarks/multi_adapter.py --quick                     # tiny model, smoke run
 """
 
 from __future__ import annotations

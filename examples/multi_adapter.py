@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--alpha-factors", type=float, nargs="*", default=[0.5, 2.0],
                       help="hot swap also each trained adapter with its alpha times each factor "
                            "(at most 10 swaps in all)")
-  parser.add_argument("--combination-types", nargs="+", default=["cat", "svd", "ties_svd"],
+  parser.add_argument("--combination-types", nargs="*", default=["cat", "svd", "ties_svd"],
                       help="lj.weighted_adapter combination types to try (PEFT's names; the "
                            "ties, dare and magnitude_prune types with density 0.5; linear and "
                            "the other factor types need equal ranks)")
@@ -331,12 +331,13 @@ def main(argv=None) -> dict[str, Any]:
     combo = lj.weighted_adapter([adapters[k] for k in pair], [1.0, 1.0], kind, **kw)
     combined_acc[kind] = [accuracy(alone(combo, tasks[k].x_test), tasks[k].y_test)
                           for k in pair]
-  print(f"\ncombined adapters {args.combine[0]} + {args.combine[1]} (weights 1, 1), accuracy on each "
-        "task (alone: " + ", ".join(f"{alone_acc[names[k]]:.1%}" for k in pair) + "):")
-  print_table(("combination_type", *args.combine),
-              [(kind, *(f"{a:.1%}" for a in accs)) for kind, accs in combined_acc.items()])
-  print("(one set of weights serves both tasks only as far as their updates agree; the mixed batch "
-        "serves each example its own adapter)")
+  if combined_acc:
+    print(f"\ncombined adapters {args.combine[0]} + {args.combine[1]} (weights 1, 1), accuracy on each "
+          "task (alone: " + ", ".join(f"{alone_acc[names[k]]:.1%}" for k in pair) + "):")
+    print_table(("combination_type", *args.combine),
+                [(kind, *(f"{a:.1%}" for a in accs)) for kind, accs in combined_acc.items()])
+    print("(one set of weights serves both tasks only as far as their updates agree; the mixed batch "
+          "serves each example its own adapter)")
 
   every = [*names, "upright"]
   head = ("task (adapter id)", "base", "adapter alone", "mixed batch", "max |diff|")
@@ -350,19 +351,20 @@ def main(argv=None) -> dict[str, Any]:
   print(f"hot swap: {swap_compiles} recompiles over {len(swaps)} swaps; "
         f"max |logits difference| vs alone = {swap_diff:.1e}")
   if args.plot:
-    combo_row = [float("nan")] * len(every)
-    for j, k in enumerate(pair):
-      combo_row[k] = combined_acc["cat"][j]
-    plot_accuracies(args.plot, every, {
-        "base": [base_acc[n] for n in every],
-        "adapter alone": [alone_acc.get(n, base_acc[n]) for n in every],
-        "mixed batch (one call)": [mixed_acc[n] for n in every],
-        f"cat({args.combine[0]}, {args.combine[1]})": combo_row})
+    bars = {"base": [base_acc[n] for n in every],
+            "adapter alone": [alone_acc.get(n, base_acc[n]) for n in every],
+            "mixed batch (one call)": [mixed_acc[n] for n in every]}
+    if combined_acc:  # the first combination type, on its two tasks (NaN: no bar elsewhere)
+      kind, accs = next(iter(combined_acc.items()))
+      bars[f"{kind}({args.combine[0]}, {args.combine[1]})"] = [
+          accs[pair.index(k)] if k in pair else float("nan") for k in range(len(every))]
+    plot_accuracies(args.plot, every, bars)
     print(f"plot saved to {args.plot}")
   print(f"total wall time {time.perf_counter() - t_start:.1f}s")
-  return {"base_acc": base_acc, "alone_acc": alone_acc, "merged_diff": merged_diff, "mixed_acc": mixed_acc,
-          "mixed_diff": mixed_diff, "swaps": len(swaps), "swap_compiles": swap_compiles,
-          "swap_diff": swap_diff, "combined_acc": combined_acc, "train_s": train_s}
+  return {"base_acc": base_acc, "alone_acc": alone_acc, "merged_diff": merged_diff,
+          "mixed_acc": mixed_acc, "mixed_diff": mixed_diff, "swaps": len(swaps),
+          "swap_compiles": swap_compiles, "swap_diff": swap_diff, "combined_acc": combined_acc,
+          "train_s": train_s}
 
 
 if __name__ == "__main__":
