@@ -119,9 +119,9 @@ def peft_model(model: "nn.Module", rank: int, alpha: float) -> "nn.Module":
   return peft.get_peft_model(model, config)
 
 
-def load_adapters(pmodel: "nn.Module", tree: Any, layers: int) -> None:
-  """Copy a lora_jax tree's factors into the PEFT model: `lora_A = Aᵀ` `(r, in)`, `lora_B = Bᵀ`
-  `(out, r)` (A `(*in, r)` and B `(r, *out)` flattened to 2-D first)."""
+def load_adapters(pmodel: "nn.Module", tree: Any, layers: int, name: str = "default") -> None:
+  """Copy a lora_jax tree's factors into the PEFT model's adapter `name`: `lora_A = Aᵀ` `(r, in)`,
+  `lora_B = Bᵀ` `(out, r)` (A `(*in, r)` and B `(r, *out)` flattened to 2-D first)."""
   p = tree["params"]
   base = pmodel.base_model.model
   with torch.no_grad():
@@ -134,8 +134,8 @@ def load_adapters(pmodel: "nn.Module", tree: Any, layers: int) -> None:
         b = np.asarray(src["kernel_lora_b"], np.float32)
         a = a.reshape(-1, a.shape[-1])
         b = b.reshape(b.shape[0], -1)
-        dst.lora_A["default"].weight.copy_(_t(a.T))
-        dst.lora_B["default"].weight.copy_(_t(b.T))
+        dst.lora_A[name].weight.copy_(_t(a.T))
+        dst.lora_B[name].weight.copy_(_t(b.T))
 
 
 def merged_copy(pmodel: "nn.Module") -> "nn.Module":
