@@ -6,6 +6,7 @@ from ._src.adapters import LoraWeight, attach, combine, split, strip, trainable_
 from ._src.apply import merged, unmerged
 from ._src.banks import (
   AdapterBank,
+  bank_from_tree,
   bank_tree,
   pad_adapter,
   select_adapter,
@@ -29,5 +30,5 @@ __all__ = ["CheckpointError", "apply_updates", "Layout", "LoraConfig", "LoraWeig
            "checkpoint", "combine", "delta", "dequantize", "export_peft", "freeze_base", "import_peft",
            "load_adapter", "merge", "merged", "peft_key_map", "plan", "quantize", "save_adapter", "split",
            "strip", "trainable_mask", "unmerged"]
-__all__ += ["AdapterBank", "bank_tree", "pad_adapter", "select_adapter", "stack_adapters",
+__all__ += ["AdapterBank", "bank_from_tree", "bank_tree", "pad_adapter", "select_adapter", "stack_adapters",
             "weighted_adapter"]

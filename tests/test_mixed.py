@@ -148,6 +148,16 @@ def test_mixed_batch_gradients_train_every_adapter_at_once():
       own = g[..., :rank] if jax.tree_util.keystr(p).endswith("_lora_a']") else g[..., :rank, :]
       np.testing.assert_allclose(own, r, rtol=1e-5, atol=1e-5 * float(jnp.abs(r).max() + 1e-30))
       assert float(jnp.abs(g).sum()) == pytest.approx(float(jnp.abs(own).sum()))  # padding: 0
+    # One SGD step on the bank, back into a bank: adapter i is its own factors minus 0.1 × the
+    # merged path's gradient.
+    stepped = jax.tree.map(lambda f, g: f - 0.1 * g, lj.bank_tree(bank), grads)
+    back, _ = lj.select_adapter(lj.bank_from_tree(bank, stepped), i, plan)
+    want = jax.tree.map(lambda f, g: f - 0.1 * g, tree, ref)
+    for (p, b), w in zip(jax.tree_util.tree_leaves_with_path(back), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(b, w, rtol=1e-5, atol=1e-5 * float(jnp.abs(w).max()), err_msg=str(p))
+  bad = jax.tree.map(lambda f: f[:1], lj.bank_tree(bank))
+  with pytest.raises(ValueError, match=r"bank_from_tree: .*_lora_a: shape \(1,"):
+    lj.bank_from_tree(bank, bad)
 
 
 def _tiny(params, x):

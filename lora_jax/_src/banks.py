@@ -320,6 +320,45 @@ def bank_tree(bank: AdapterBank) -> PyTree:
   return _tree(bank, {p: (bank.lora_a[p], bank.lora_b[p]) for p in bank.lora_a})
 
 
+def bank_from_tree(bank: AdapterBank, tree: PyTree) -> AdapterBank:
+  """`bank` with its factors replaced by those of `tree`: the inverse of `bank_tree`.
+
+  After training the N adapters at once (gradients with respect to `lj.bank_tree(bank)` in a
+  mixed batch), this turns the trained tree back into a bank for `select_adapter`,
+  `weighted_adapter` or saving; names, plan, scales and ranks are `bank`'s.
+
+  Args:
+    bank: from `stack_adapters`.
+    tree: a tree holding (at least) the bank's LoRA leaves, per site `A: (N, *stack, *in, r_max)`
+      and `B: (N, *stack, r_max, *out)` (e.g. `lj.combine(params, trained)` or `trained`).
+
+  Returns:
+    An `AdapterBank` with `tree`'s factors.
+
+  Raises:
+    ValueError: a LoRA leaf of the bank missing from `tree`, a stray LoRA leaf, or a factor
+      whose shape is not the bank's (the error names the leaf's path).
+  """
+  leaves = {p: unbox(x) for p, x in flatten(tree).items() if is_lora_name(p)}
+  names = set(bank.leaf_names)
+  stray = sorted(set(leaves) - names)
+  if stray:
+    raise ValueError(f"bank_from_tree: {stray[0]}: LoRA leaf not in the bank (its sites are "
+                     f"{sorted(bank.lora_a)})")
+  new = {LORA_A: {}, LORA_B: {}}
+  for path in bank.lora_a:
+    for suffix, old in ((LORA_A, bank.lora_a[path]), (LORA_B, bank.lora_b[path])):
+      name = path + suffix
+      if name not in leaves:
+        raise ValueError(f"bank_from_tree: {name}: missing from the tree")
+      if tuple(np.shape(leaves[name])) != tuple(np.shape(old)):
+        raise ValueError(f"bank_from_tree: {name}: shape {tuple(np.shape(leaves[name]))}, the bank's "
+                         f"is {tuple(np.shape(old))} (N, *stack, ...)")
+      new[suffix][path] = leaves[name]
+  return AdapterBank(new[LORA_A], new[LORA_B], bank.scale, bank.rank, bank.names, bank.plan,
+                     bank.treedef, bank.leaf_names)
+
+
 def pad_adapter(adapter: Adapter, rank: int) -> tuple[PyTree, Plan, dict[str, jax.Array]]:
   """One adapter in a swappable form: factors zero-padded to `rank` and its scales as data.
 
