@@ -203,18 +203,26 @@ def _is_embedding(site: Site) -> bool:
   return any(u.primitive == "gather" for u in site.use)
 
 
+def _is_tied(site: Site) -> bool:
+  """A 2-D table used by lookups and as a dense output head (`attend`, `x @ E.T`): one kernel whose
+  update reaches both uses, PEFT's `Embedding` + output head under `ensure_weight_tying=True`."""
+  return (_is_embedding(site) and len(site.shape) == 2
+          and all(u.primitive in ("gather", "dot_general") for u in site.use)
+          and any(u.primitive == "dot_general" for u in site.use))
+
+
 def _check_exportable(site: Site) -> None:
   conv_like = not site.use and len(site.layout.in_axes) > 1 and len(site.shape) > 2
   if "conv_general_dilated" in site.use or conv_like:
     raise NotImplementedError(f"{site.path}: only kernels used as dense layers (PEFT `Linear`) or "
                               f"embedding lookups (`Embedding`) can be exported to PEFT; this one "
                               f"is used as {site.use or ('a conv',)}")
-  if _is_embedding(site) and (len(site.shape) != 2 or any(u.primitive != "gather" for u in site.use)):
+  if _is_embedding(site) and not _is_tied(site) and (
+      len(site.shape) != 2 or any(u.primitive != "gather" for u in site.use)):
     raise NotImplementedError(
         f"{site.path}: an embedding of shape {site.shape} used as {[str(u) for u in site.use]}: "
-        "PEFT's `Embedding` LoRA changes the lookup only, so a 2-D table used only by lookups "
-        "exports; a tied output head (the same table in a dot_general) would get the update in "
-        "JAX but not in PEFT")
+        "PEFT's `Embedding` LoRA changes the lookup only, so a 2-D table used by lookups (and "
+        "optionally as a tied output head, x @ E.T) exports; this use has no PEFT equivalent")
 
 
 def _saved_names(key_map: KeyMap, path: str, leaf: Any) -> tuple[str, np.ndarray]:
@@ -258,7 +266,8 @@ def _save_weights(path: str, tensors: Mapping[str, np.ndarray]) -> None:
 def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
                 key_map: KeyMap | Mapping[str, str] | None = None,
                 base_model_name_or_path: str | None = None, fan_in_fan_out: bool = False,
-                save_embedding_layers: bool | str = "auto", task_type: str | None = None) -> None:
+                save_embedding_layers: bool | str = "auto", task_type: str | None = None,
+                tied_head: str = "lm_head") -> None:
   """Write the adapter in `tree` as a PEFT LoRA adapter: `directory/adapter_model.safetensors`
   and `directory/adapter_config.json` (loadable with `peft.PeftModel.from_pretrained`).
 
@@ -284,22 +293,33 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
       `<module>.base_layer.weight`; `"auto"` (PEFT's default) means True when an embedding is
       adapted.
     task_type: PEFT's `task_type` (`"SEQ_CLS"`, `"CAUSAL_LM"`, ...), written into the config.
+    tied_head: PEFT's module name of the output head tied to an adapted embedding table. A table
+      `(V, D)` used by lookups and as the head (`attend`, `h @ E.T`) has one adapter, which
+      reaches both uses; it is written as PEFT writes `ensure_weight_tying=True`: the embedding's
+      `lora_embedding_A/B` and `<tied_head>.lora_A.weight = B: (r, D)`, `.lora_B.weight = A:
+      (V, r)` (the embedding's factors transposed), with the head left out of `target_modules`.
+
+  With `plan.config.layers_to_transform`, only those layers of each stacked site are written,
+  with PEFT's `layers_to_transform` and `layers_pattern` (the name segment before the layer
+  index); the other layers' factors must be zero.
 
   Returns:
     None.
 
   Raises:
     ValueError: naming the path, for a site the key map cannot name (or two sites with one
-      name), before writing anything.
-    NotImplementedError: a site used other than as a dense layer or an embedding lookup, or a
-      tied embedding (also used as the output head).
+      name), a layer left out by `layers_to_transform` with nonzero factors, or a module that
+      PEFT's `layers_to_transform` would leave out (one outside the layer stack), before writing
+      anything.
+    NotImplementedError: a site used other than as a dense layer, an embedding lookup or a tied
+      output head.
   """
   key_map = _as_key_map(key_map if key_map is not None else linen())
   if save_embedding_layers not in (True, False, "auto"):
     raise ValueError(f"export_peft: save_embedding_layers must be True, False or 'auto', got "
                      f"{save_embedding_layers!r}")
   arrays = site_arrays(plan, tree)
-  tensors, ranks, alphas, owner = {}, {}, {}, {}
+  tensors, ranks, alphas, owner, heads = {}, {}, {}, {}, set()
   embeddings = [s for s in plan.sites if _is_embedding(s)]
   save_embeddings = bool(embeddings) if save_embedding_layers == "auto" else save_embedding_layers
   for site in plan.sites:
@@ -307,19 +327,31 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
     w, a, b = (np.asarray(x) for x in arrays[site.path])
     names = ("lora_embedding_A", "lora_embedding_B") if site in embeddings else ("lora_A.weight",
                                                                                 "lora_B.weight")
+    kept = plan.config.layers_to_transform
     for index in _layers(site):
+      if kept and index and index[0] not in kept:
+        if np.any(a[index]) or np.any(b[index]):
+          raise ValueError(f"{site.path}: layer {index} is outside LoraConfig.layers_to_transform "
+                           f"{list(kept)} but its factors are not zero; PEFT would drop them")
+        continue
       module = key_map.to_peft(site.path, index)
       if module is None:
         raise ValueError(f"{site.path}: the key map gives no PEFT module name for this kernel"
                          + (f" (layer {index})" if index else ""))
-      if module in owner:
-        raise ValueError(f"{site.path} and {owner[module]}: both map to PEFT module {module!r}")
-      owner[module] = site.path
+      modules = [module, tied_head] if _is_tied(site) else [module]
+      for m in modules:
+        if m in owner:
+          raise ValueError(f"{site.path} and {owner[m]}: both map to PEFT module {m!r}")
+        owner[m] = site.path
+        ranks[m], alphas[m] = site.rank, _number(site.alpha)
+        if save_embeddings and site in embeddings:
+          tensors[f"{PREFIX}{m}{_BASE_LAYER}"] = w
       tensors[f"{PREFIX}{module}.{names[0]}"] = a[index].reshape(site.fan_in, site.rank).T
       tensors[f"{PREFIX}{module}.{names[1]}"] = b[index].reshape(site.rank, site.fan_out).T
-      if save_embeddings and site in embeddings:
-        tensors[f"{PREFIX}{module}{_BASE_LAYER}"] = w
-      ranks[module], alphas[module] = site.rank, _number(site.alpha)
+      if _is_tied(site):  # PEFT's tied head: lora_A = lora_embedding_B.T, lora_B = lora_embedding_A.T
+        tensors[f"{PREFIX}{tied_head}.lora_A.weight"] = b.reshape(site.rank, site.fan_out)
+        tensors[f"{PREFIX}{tied_head}.lora_B.weight"] = a.reshape(site.fan_in, site.rank)
+        heads.add(tied_head)
   saved_modules = set()
   for path, leaf in saved_arrays(plan, tree).items():
     name, value = _saved_names(key_map, path, leaf)
@@ -330,18 +362,43 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
   init = {"kaiming_uniform": True, "gaussian": "gaussian"}[plan.config.init]
   config = {"peft_type": "LORA", "task_type": task_type,
             "base_model_name_or_path": base_model_name_or_path,
-            "r": r, "lora_alpha": alpha, "target_modules": sorted(owner),
+            "r": r, "lora_alpha": alpha, "target_modules": sorted(set(owner) - heads),
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
             "use_rslora": plan.config.scaling == "rslora", "lora_dropout": plan.config.dropout,
             "bias": "none", "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": init,
             "use_dora": False, "modules_to_save": sorted(saved_modules) or None,
-            "layers_to_transform": None, "layers_pattern": None, "inference_mode": True}
+            "ensure_weight_tying": bool(heads), **_layers_config(plan, owner),
+            "inference_mode": True}
   os.makedirs(directory, exist_ok=True)
   _save_weights(os.path.join(directory, WEIGHTS_NAME), tensors)
   tmp = os.path.join(directory, f".tmp-{CONFIG_NAME}")
   with open(tmp, "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   os.replace(tmp, os.path.join(directory, CONFIG_NAME))
+
+
+def _layers_config(plan: Plan, owner: Mapping[str, str]) -> dict[str, Any]:
+  """PEFT's `layers_to_transform` and `layers_pattern` for `plan.config.layers_to_transform`: the
+  pattern is the module-name segment before each module's layer index (`layers` in
+  `model.layers.3.mlp.up_proj`), which PEFT reads back with `.*\\.{pattern}\\.(\\d+)\\.`.
+
+  Raises:
+    ValueError: naming the path, for a module with no layer index in `layers_to_transform`, which
+      PEFT would leave out (an embedding, an output head).
+  """
+  kept = plan.config.layers_to_transform
+  if not kept:
+    return {"layers_to_transform": None, "layers_pattern": None}
+  patterns = set()
+  for module, path in owner.items():
+    found = re.fullmatch(r".*?(?:^|\.)([^.]+)\.(\d+)\..*", module)
+    if found is None or int(found[2]) not in kept:
+      raise ValueError(f"{path}: exported as PEFT module {module!r}, which PEFT's "
+                       f"layers_to_transform {list(kept)} would leave out (no layer index in it, or "
+                       f"another one); adapt it in a separate adapter, or drop layers_to_transform")
+    patterns.add(found[1])
+  return {"layers_to_transform": list(kept),
+          "layers_pattern": patterns.pop() if len(patterns) == 1 else sorted(patterns)}
 
 
 def _bin_refusal(directory: str | os.PathLike, weights: str, pickle_path: str) -> FileNotFoundError:
@@ -442,7 +499,8 @@ def _read_config(path: str) -> dict[str, Any]:
           "use_rslora": rslora, "lora_dropout": float(dropout),
           "init": "gaussian" if init == "gaussian" else "kaiming_uniform",
           "modules_to_save": _config_names(path, "modules_to_save", config.get("modules_to_save")),
-          "layers_to_transform": _config_layers(path, config.get("layers_to_transform"))}
+          "layers_to_transform": _config_layers(path, config.get("layers_to_transform")),
+          "ensure_weight_tying": config.get("ensure_weight_tying") is True}
 
 
 def _config_names(path: str, field: str, value: Any) -> list[str]:
@@ -597,7 +655,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
                 key_map: KeyMap | Mapping[str, str] | None = None,
                 apply_fn: Callable | None = None, args: Sequence[Any] = (),
                 kwargs: dict[str, Any] | None = None,
-                layout_pattern: Mapping[str, str] | None = None) -> tuple[Any, Plan]:
+                layout_pattern: Mapping[str, str] | None = None,
+                tied_head: str = "lm_head") -> tuple[Any, Plan]:
   """Read a PEFT LoRA adapter and attach it to `base`: returns `(tree, plan)`.
 
   Every PEFT module `m` is mapped by `key_map.from_peft(m)` (default `peft_key_map.linen()`)
@@ -609,7 +668,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   `modules_to_save` (`<module>.weight` -> the key map's kernel, transposed back to `(in, out)` for a
   2-D `kernel`; `<module>.bias` -> its sibling `bias`) become `<leaf>_lora_full` copies, and a
   `save_embedding_layers` table (`<module>.base_layer.weight`) replaces the base table, as PEFT
-  loads it. Stack layers left out by `layers_to_transform` get zero factors.
+  loads it. Stack layers left out by `layers_to_transform` get zero factors (and the plan's
+  config keeps `layers_to_transform`, so `lj.attach`-style training keeps them zero).
 
   Pass `apply_fn` and `args` (as for `lj.plan`) so each kernel's layout is read off its uses.
   They are needed for multi-axis kernels and stacks, and for any 2-D kernel whose orientation
@@ -627,6 +687,10 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
       `LoraConfig.layout_pattern`: they take the place of `apply_fn` for the kernels they match
       (a fused `kv_einsum (2, K, D, H)` as `stack=(0) in=(2) out=(1,3)` takes PEFT's `k_proj` and
       `v_proj` as its two stack entries), and state a 2-D kernel's orientation outright.
+    tied_head: PEFT's name of an output head tied to the embedding. When the adapter has factors
+      for it and the key map names no kernel of `base` for it (the head is the table), they must
+      be the embedding's transposed (PEFT's `ensure_weight_tying=True`) and the table's one
+      adapter carries both; a head adapted on its own is refused.
 
   Returns:
     `(tree, plan)`: `base` with the factors attached, and the plan.
@@ -647,6 +711,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   header = _header(weights_path)
   modules, others = _modules(header, weights_path, config["modules_to_save"])
   leaves = {p: unbox(x) for p, x in flatten(base).items()}
+  tied = _tied_head(modules, others, header, config["ensure_weight_tying"], key_map, leaves, tied_head,
+                    weights_path)
   saved = _saved_paths(others, key_map, leaves, weights_path)
   by_path: dict[str, dict[Index, str]] = collections.defaultdict(dict)
   for module in modules:
@@ -683,7 +749,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
       alpha_pattern={exact[p]: v for p, v in alphas.items() if v != alpha},
       dropout=config["lora_dropout"], scaling="rslora" if config["use_rslora"] else "standard",
       init=config["init"], layout_pattern=dict(layout_pattern or {}),
-      modules_to_save=tuple(sorted({module_of(p) for p in saved.values()})))
+      modules_to_save=tuple(sorted({module_of(p) for p in saved.values()})),
+      layers_to_transform=tuple(config["layers_to_transform"] or ()))
   plan = make_plan(lora_config, base, apply_fn, args, kwargs)
   unsaved = sorted(set(plan.saved) - set(saved.values()))
   if unsaved:
@@ -715,6 +782,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
                          f"({site.layout.describe(site.shape)}), which needs {want_a} / {want_b}")
 
   tensors = _load(weights_path, header)
+  if tied is not None:
+    _check_tied(tensors, *tied)
   loaded = {}
   for site in plan.sites:
     layers = by_path[site.path]
@@ -784,3 +853,53 @@ def _saved_paths(others: Mapping[str, str], key_map: KeyMap, leaves: Mapping[str
                        f"{path!r}, which is not in `base`")
     out[key] = path
   return out
+
+
+def _tied_head(modules: dict[str, Any], others: dict[str, str], header: Mapping[str, Any],
+               ensure_weight_tying: bool,
+               key_map: KeyMap, leaves: Mapping[str, Any], head: str, where: str
+               ) -> tuple[str, str] | None:
+  """Take PEFT's tied output head out of `modules` / `others` (in place): `(head, embedding
+  module)` when `head` has LoRA factors but the key map names no kernel of `base` for it (the
+  head is the embedding table, as in tunix/gemma `attend` or a tied GPT-2/Llama lm_head); None
+  when there is no such head or `base` has its own head kernel.
+
+  Under `ensure_weight_tying=True` PEFT gives the head the embedding's factors (`lora_A =
+  lora_embedding_B.T`, `lora_B = lora_embedding_A.T`), so the table's one lora_jax adapter is
+  both; `_check_tied` checks the values once the tensors are read.
+
+  Raises:
+    ValueError: naming the key, for a head adapted on its own (`ensure_weight_tying` false): its
+      update reaches the head only, while the tied table's reaches the lookup too.
+  """
+  if head not in modules:
+    return None
+  found = key_map.from_peft(head)
+  if found is not None and found[0] in leaves:
+    return None
+  key = f"{PREFIX}{head}.lora_A.weight"
+  embeddings = [m for m in modules if f"{PREFIX}{m}.lora_embedding_A" in header]
+  if not ensure_weight_tying or len(embeddings) != 1:
+    raise ValueError(
+        f"lj.import_peft: {where}: tensor {key!r}: PEFT adapted the output head {head!r} on its own "
+        f"(ensure_weight_tying is not true), and the key map names no kernel of `base` for it: the "
+        f"head is the tied embedding table, whose one lora_jax adapter changes the lookup as well, "
+        f"which PEFT's does not. Train the adapter in PEFT with ensure_weight_tying=True, or give "
+        f"`base` an untied head kernel and name it {head!r} in the key map")
+  del modules[head]
+  others.pop(f"{PREFIX}{head}{_BASE_LAYER}", None)
+  return head, embeddings[0]
+
+
+def _check_tied(tensors: Mapping[str, np.ndarray], head: str, embedding: str) -> None:
+  """Check that PEFT's tied head holds its embedding's factors, transposed.
+
+  Raises:
+    ValueError: naming both keys, when they differ.
+  """
+  emb = f"{PREFIX}{embedding}.lora_embedding_"
+  pairs = [(f"{PREFIX}{head}.lora_A.weight", emb + "B"), (f"{PREFIX}{head}.lora_B.weight", emb + "A")]
+  for head_key, emb_key in pairs:
+    if not np.array_equal(tensors[head_key], tensors[emb_key].T):
+      raise ValueError(f"lj.import_peft: {head_key} is not {emb_key} transposed, as weight tying "
+                       f"(ensure_weight_tying) makes it; the tied table has one adapter")

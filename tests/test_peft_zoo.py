@@ -1,0 +1,222 @@
+"""PEFT interop for the JAX zoos, against transformers + PEFT themselves: a tied output head
+(`ensure_weight_tying`), `layers_to_transform` on export, both ways, on a tiny Llama whose JAX
+forward (written here, scanned over a stacked layer axis) takes the torch model's weights."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy as st
+from conftest import optional
+
+import lora_jax as lj
+
+V, D, N, K, HD, F, L, T = 32, 16, 2, 1, 8, 24, 2, 5  # vocab, width, heads, kv heads, head, mlp, layers
+EPS, THETA = 1e-6, 10000.0
+PROJ = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj",
+                                                                       "down_proj")}
+KEY_MAP = {"model/embed_tokens/embedding": "model.embed_tokens",
+           **{f"model/layers/{m}/{p}/kernel": f"model.layers.{{}}.{m}.{p}"
+              for m, ps in PROJ.items() for p in ps}}
+
+
+def _rms(x, w):
+  return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + EPS) * w
+
+
+def _rope(x):  # (B, T, heads, HD), transformers' rotate_half convention
+  inv = 1.0 / THETA ** (jnp.arange(0, HD, 2, dtype=jnp.float32) / HD)
+  ang = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * inv
+  cos, sin = (jnp.concatenate([f(ang)] * 2, -1)[None, :, None] for f in (jnp.cos, jnp.sin))
+  x1, x2 = x[..., :HD // 2], x[..., HD // 2:]
+  return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+
+
+def llama(params, tokens):
+  """transformers' LlamaForCausalLM (eager attention) with stacked layers and a tied head."""
+  p = params["model"]
+  table = p["embed_tokens"]["embedding"]
+  h = table[tokens]
+  b, t = tokens.shape
+  causal = jnp.tril(jnp.ones((t, t), bool))
+
+  def layer(h, w):
+    a, m = w["self_attn"], w["mlp"]
+    x = _rms(h, w["input_layernorm"]["scale"])
+    q = _rope((x @ a["q_proj"]["kernel"]).reshape(b, t, N, HD))
+    k = _rope((x @ a["k_proj"]["kernel"]).reshape(b, t, K, HD))
+    v = (x @ a["v_proj"]["kernel"]).reshape(b, t, K, HD)
+    k, v = jnp.repeat(k, N // K, 2), jnp.repeat(v, N // K, 2)
+    s = jnp.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(HD)
+    s = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), -1)
+    h = h + jnp.einsum("bnqk,bknh->bqnh", s, v).reshape(b, t, N * HD) @ a["o_proj"]["kernel"]
+    x = _rms(h, w["post_attention_layernorm"]["scale"])
+    up = jax.nn.silu(x @ m["gate_proj"]["kernel"]) * (x @ m["up_proj"]["kernel"])
+    return h + up @ m["down_proj"]["kernel"], None
+
+  h = jax.lax.scan(layer, h, p["layers"])[0]
+  return _rms(h, p["norm"]["scale"]) @ table.T
+
+
+@pytest.fixture(scope="module")
+def torch_peft():
+  torch, peft, transformers = optional("torch"), optional("peft"), optional("transformers")
+  torch.set_num_threads(1)
+  return torch, peft, transformers
+
+
+@pytest.fixture(scope="module")
+def model(torch_peft):
+  """`(make_hf, params, tokens)`: a fresh tied tiny HF Llama per call (same weights), and its
+  weights as the stacked JAX tree."""
+  torch, _, transformers = torch_peft
+  config = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F,
+                                    num_hidden_layers=L, num_attention_heads=N,
+                                    num_key_value_heads=K, head_dim=HD, rms_norm_eps=EPS,
+                                    rope_theta=THETA, tie_word_embeddings=True,
+                                    attn_implementation="eager")
+  torch.manual_seed(0)
+  state = {k: v.clone() for k, v in transformers.LlamaForCausalLM(config).state_dict().items()}
+  for k, v in state.items():
+    if "norm" in k:  # ones by default: make the norms count
+      v.uniform_(0.5, 1.5)
+
+  def make_hf():
+    m = transformers.LlamaForCausalLM(config)
+    m.load_state_dict(state)
+    return m.eval()
+
+  sd = {k: v.numpy() for k, v in state.items()}
+  layers = lambda name: np.stack([sd[f"model.layers.{i}.{name}"] for i in range(L)])
+  tree = {"embed_tokens": {"embedding": sd["model.embed_tokens.weight"]},
+          "norm": {"scale": sd["model.norm.weight"]},
+          "layers": {m: {p: {"kernel": layers(f"{m}.{p}.weight").transpose(0, 2, 1)} for p in ps}
+                     for m, ps in PROJ.items()}}
+  for norm in ("input_layernorm", "post_attention_layernorm"):
+    tree["layers"][norm] = {"scale": layers(f"{norm}.weight")}
+  params = jax.tree_util.tree_map(jnp.asarray, {"model": tree})
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, T)))
+  with torch.no_grad():
+    want = make_hf()(torch.from_numpy(np.array(tokens))).logits.numpy()
+  np.testing.assert_allclose(llama(params, tokens), want, rtol=1e-5, atol=1e-5)  # the forward is HF's
+  return make_hf, params, tokens
+
+
+def _logits(torch, module, tokens):
+  with torch.no_grad():
+    return module(torch.from_numpy(np.array(tokens))).logits.numpy()
+
+
+def _random(tree, seed, keep=None):
+  """Random factors (B too, so ΔW != 0); with `keep`, layers of stacked factors outside it zero."""
+  adapters, base = lj.split(tree)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    x = rng.standard_normal(a.shape) * 0.3
+    if keep is not None and "layers" in jax.tree_util.keystr(path):
+      x[[i for i in range(L) if i not in keep]] = 0
+    return jnp.asarray(x, a.dtype)
+
+  return lj.combine(base, jax.tree_util.tree_map_with_path(draw, adapters))
+
+
+def _lj(params, tokens, **fields):
+  plan = lj.plan(lj.LoraConfig(rank=2, alpha=3.0, **fields), params, llama, (tokens,))
+  tree = lj.attach(plan, params, jax.random.key(1))
+  return plan, tree, lambda t: np.asarray(jax.jit(lj.unmerged(llama, plan))(t, tokens))
+
+
+def _close(got, want):
+  """1e-5 relative to the logits' scale (float32 through 2 layers and a 32-way head)."""
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_tied_head_exports_as_peft_ensure_weight_tying(torch_peft, model, tmp_path):
+  torch, peft, _ = torch_peft
+  make_hf, params, tokens = model
+  plan, tree, run = _lj(params, tokens, target_modules=["embed_tokens", "q_proj", "down_proj"])
+  (emb,) = [s for s in plan.sites if "embed" in s.path]
+  assert tuple(map(str, emb.use)) == ("gather", "dot_general")  # the lookup and the tied head
+  tree = _random(tree, seed=2)
+  want = run(tree)
+  assert not np.allclose(want, llama(params, tokens), atol=1e-2)
+  lj.export_peft(tmp_path, plan, tree, key_map=KEY_MAP)
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert config["ensure_weight_tying"] is True and "lm_head" not in config["target_modules"]
+  tensors = st.load_file(str(tmp_path / "adapter_model.safetensors"))
+  e = "base_model.model.model.embed_tokens."
+  np.testing.assert_array_equal(tensors["base_model.model.lm_head.lora_A.weight"],
+                                tensors[e + "lora_embedding_B"].T)
+  peft_model = peft.PeftModel.from_pretrained(make_hf(), tmp_path)
+  _close(_logits(torch, peft_model, tokens), want)
+  # and back: the same adapter, the head's factors checked against the embedding's
+  got, got_plan = lj.import_peft(tmp_path, params, key_map=KEY_MAP, apply_fn=llama, args=(tokens,))
+  assert [s.path for s in got_plan.sites] == [s.path for s in plan.sites]
+  for a, b in zip(jax.tree_util.tree_leaves(lj.split(got)[0]), jax.tree_util.tree_leaves(lj.split(tree)[0])):
+    np.testing.assert_array_equal(a, b)
+  tensors["base_model.model.lm_head.lora_B.weight"] = tensors["base_model.model.lm_head.lora_B.weight"] + 1
+  st.save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"lm_head.lora_B.weight is not .*embed_tokens.lora_embedding_A "
+                     r"transposed"):
+    lj.import_peft(tmp_path, params, key_map=KEY_MAP, apply_fn=llama, args=(tokens,))
+
+
+def test_peft_tied_head_adapter_imports(torch_peft, model, tmp_path):
+  torch, peft, _ = torch_peft
+  make_hf, params, tokens = model
+  torch.manual_seed(1)
+  config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["lm_head", "v_proj", "up_proj"],
+                           ensure_weight_tying=True, init_lora_weights=False)
+  peft_model = peft.get_peft_model(make_hf(), config)
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_" in name and "lm_head" not in name:  # the head's are views of the embedding's
+        p.normal_(0, 0.3)
+  peft_model.save_pretrained(tmp_path)
+  tree, plan = lj.import_peft(tmp_path, params, key_map=KEY_MAP, apply_fn=llama, args=(tokens,))
+  assert {s.path for s in plan.sites} == {"model/embed_tokens/embedding", *(
+      f"model/layers/{m}/kernel" for m in ("self_attn/v_proj", "mlp/up_proj"))}
+  got = np.asarray(lj.unmerged(llama, plan)(tree, tokens))
+  _close(got, _logits(torch, peft_model.eval(), tokens))
+  assert not np.allclose(got, llama(params, tokens), atol=1e-2)
+  # PEFT without ensure_weight_tying adapts the head alone: no lora_jax equivalent, said so
+  with pytest.warns(UserWarning, match="`ensure_weight_tying` is not set to True"):
+    untied = peft.get_peft_model(make_hf(), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+  with pytest.warns(UserWarning, match="Setting `save_embedding_layers` to `True`"):
+    untied.save_pretrained(tmp_path / "untied")
+  with pytest.raises(ValueError, match=r"adapted the output head 'lm_head' on its own.*"
+                     r"ensure_weight_tying=True"):
+    lj.import_peft(tmp_path / "untied", params, key_map=KEY_MAP, apply_fn=llama, args=(tokens,))
+
+
+def test_layers_to_transform_of_a_scanned_stack_exports_and_imports(torch_peft, model, tmp_path):
+  torch, peft, _ = torch_peft
+  make_hf, params, tokens = model
+  plan, tree, run = _lj(params, tokens, target_modules=["q_proj", "gate_proj"], layers_to_transform=[1])
+  q = tree["model"]["layers"]["self_attn"]["q_proj"]
+  assert not np.any(q["kernel_lora_a"][0]) and np.all(q["kernel_lora_a"][1] != 0)  # attach: A = 0 off layer 1
+  with pytest.raises(ValueError, match=r"gate_proj/kernel: layer \(0,\) is outside LoraConfig.layers_to_transform "
+                     r"\[1\] but its factors are not zero"):
+    lj.export_peft(tmp_path, plan, _random(tree, seed=4), key_map=KEY_MAP)
+  tree = _random(tree, seed=4, keep={1})
+  want = run(tree)
+  lj.export_peft(tmp_path, plan, tree, key_map=KEY_MAP)
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert (config["layers_to_transform"], config["layers_pattern"]) == ([1], "layers")
+  assert not any(".0." in k for k in st.load_file(str(tmp_path / "adapter_model.safetensors")))
+  peft_model = peft.PeftModel.from_pretrained(make_hf(), tmp_path)
+  _close(_logits(torch, peft_model, tokens), want)
+  got, got_plan = lj.import_peft(tmp_path, params, key_map=KEY_MAP, apply_fn=llama, args=(tokens,))
+  assert got_plan.config.layers_to_transform == (1,)
+  for a, b in zip(jax.tree_util.tree_leaves(lj.split(got)[0]), jax.tree_util.tree_leaves(lj.split(tree)[0])):
+    np.testing.assert_array_equal(a, b)
+  # PEFT's layers_to_transform also leaves out every module outside the layers: refused, not dropped
+  plan, tree, _ = _lj(params, tokens, target_modules=["embed_tokens", "q_proj"], layers_to_transform=[1])
+  with pytest.raises(ValueError, match=r"embed_tokens/embedding: exported as PEFT module "
+                     r"'model.embed_tokens', which PEFT's layers_to_transform \[1\] would leave out"):
+    lj.export_peft(tmp_path, plan, tree, key_map=KEY_MAP)
+  with pytest.raises(ValueError, match=r"layers_to_transform \[5\] goes past its stack of 2 layers"):
+    _lj(params, tokens, target_modules=["q_proj"], layers_to_transform=[5])
