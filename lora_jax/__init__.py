@@ -1,6 +1,7 @@
 """lora_jax: LoRA for any JAX function, as pure functions over parameter pytrees."""
 
 from ._src import checkpoint
+from ._src import key_maps as _key_maps  # noqa: F401  (registers lj.peft_key_map.tunix, ...)
 from ._src.adapters import LoraWeight, attach, combine, split, strip, trainable_mask
 from ._src.apply import merged, unmerged
 from ._src.banks import AdapterBank, select_adapter, stack_adapters, weighted_adapter

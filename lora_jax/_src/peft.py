@@ -66,6 +66,14 @@ class KeyMap:
   to_peft: Callable[[str, Index], str | None]
   from_peft: Callable[[str], tuple[str, Index] | None]
   leaf: str = "kernel"  # the kernels' leaf name: PEFT's `weight` (other leaves keep their names)
+  # layouts the names presuppose (a fused kernel's fused axis as a stack axis), as LoraConfig's
+  layout_pattern: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # whether a 2-D leaf is torch's weight transposed ((in, out)); default: leaves named `kernel`
+  transposed: Callable[[str], bool] | None = None
+
+  def is_transposed(self, path: str) -> bool:
+    """Whether the 2-D leaf at `path` is stored `(in, out)`, torch's `(out, in)` transposed."""
+    return self.transposed(path) if self.transposed else path.rpartition("/")[2] == "kernel"
 
 
 def _flax(prefix: str, leaf: str, scanned: Sequence[str]) -> KeyMap:
@@ -230,13 +238,15 @@ def _saved_names(key_map: KeyMap, path: str, leaf: Any) -> tuple[str, np.ndarray
   its kernel, the kernel leaf as `weight` (a 2-D `kernel` transposed to torch's `(out, in)`), other
   leaves (`bias`) by their own names."""
   module_path, _, name = path.rpartition("/")
-  module = key_map.to_peft(f"{module_path}/{key_map.leaf}", ())
+  own = key_map.to_peft(path, ())  # a leaf the map names is its module's `weight`
+  name = key_map.leaf if own is not None else name
+  module = own or key_map.to_peft(f"{module_path}/{key_map.leaf}", ())
   if module is None:
     raise ValueError(f"{path}: a modules_to_save leaf, but the key map names no PEFT module for "
                      f"{module_path}/{key_map.leaf}")
   value = np.asarray(leaf)
   if name == key_map.leaf:
-    name, value = "weight", (value.T if key_map.leaf == "kernel" and value.ndim == 2 else value)
+    name, value = "weight", (value.T if key_map.is_transposed(path) and value.ndim == 2 else value)
   return f"{module}.{name}", value
 
 
@@ -686,7 +696,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
     layout_pattern: `{regex: "stack=(..) in=(..) out=(..)"}` layouts by path, as
       `LoraConfig.layout_pattern`: they take the place of `apply_fn` for the kernels they match
       (a fused `kv_einsum (2, K, D, H)` as `stack=(0) in=(2) out=(1,3)` takes PEFT's `k_proj` and
-      `v_proj` as its two stack entries), and state a 2-D kernel's orientation outright.
+      `v_proj` as its two stack entries), and state a 2-D kernel's orientation outright. The
+      key map's own `layout_pattern` (a ready map's fused kernels) applies after these.
     tied_head: PEFT's name of an output head tied to the embedding. When the adapter has factors
       for it and the key map names no kernel of `base` for it (the head is the table), they must
       be the embedding's transposed (PEFT's `ensure_weight_tying=True`) and the table's one
@@ -748,7 +759,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
       rank_pattern={exact[p]: v for p, v in ranks.items() if v != r},
       alpha_pattern={exact[p]: v for p, v in alphas.items() if v != alpha},
       dropout=config["lora_dropout"], scaling="rslora" if config["use_rslora"] else "standard",
-      init=config["init"], layout_pattern=dict(layout_pattern or {}),
+      init=config["init"],
+      layout_pattern=[*(layout_pattern or {}).items(), *key_map.layout_pattern.items()],
       modules_to_save=tuple(sorted({module_of(p) for p in saved.values()})),
       layers_to_transform=tuple(config["layers_to_transform"] or ()))
   plan = make_plan(lora_config, base, apply_fn, args, kwargs)
@@ -809,7 +821,7 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   full = {}
   for key, path in saved.items():
     value = tensors[key]
-    if path.rpartition("/")[2] == "kernel" and value.ndim == 2:
+    if key_map.is_transposed(path) and value.ndim == 2:
       value = value.T  # torch's (out, in) weight back to the (in, out) kernel
     if value.shape != np.shape(unbox(kernels[path])):
       raise ValueError(f"lj.import_peft: {key}: shape {tensors[key].shape} does not fit {path} of "

@@ -1,0 +1,193 @@
+"""Ready PEFT key maps for the JAX LLM zoos, and the template engine they are written in.
+
+A zoo model's kernels are named by its own code (google-tunix: `layers/3/attn/q_proj/w`); the
+PyTorch model PEFT adapts names them as Hugging Face transformers does
+(`model.layers.3.self_attn.q_proj`). `templates({...})` turns a table of such name pairs into a
+`KeyMap` that works both ways:
+
+- `{i}` (any `{name}`) in a path template is a per-layer index in the *path* (an unstacked list of
+  layers, as tunix's `layers/0/...`, `layers/1/...`); the module template holds the same `{i}`.
+- `{}` in a module template is an index of a *stack axis* of the kernel (a scanned layer axis, as
+  `peft_key_map.from_dict` has it), in stack-axis order.
+- A tuple of module templates is a fused kernel: its first stack axis indexes the tuple (gemma's
+  `kv_einsum (2, K, D, H)` -> `(k_proj, v_proj)`). PEFT has one `Linear` per projection, each with
+  its own `lora_A`/`lora_B`, so the fused axis must be a stack axis of the plan: the map's
+  `layout_pattern` says so (`stack=(0) in=(2) out=(1,3)`), to be given to `LoraConfig` for export
+  (`lj.import_peft` applies it by itself).
+
+The flattening of multi-axis kernels is C order over the layout's in and out axes (peft.py), which
+is exactly how transformers reshapes a projection's output (`view(..., heads, head_dim)`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from .peft import KeyMap, peft_key_map
+
+_FIELD = re.compile(r"\{(\w*)\}")
+
+
+def _regex(template: str) -> re.Pattern[str]:
+  """`template` as a regex: `{name}` a named group of digits, `{}` an unnamed one (in order)."""
+  parts, last = [], 0
+  for m in _FIELD.finditer(template):
+    parts.append(re.escape(template[last:m.start()]))
+    parts.append(rf"(?P<{m[1]}>\d+)" if m[1] else r"(\d+)")
+    last = m.end()
+  return re.compile("".join(parts) + re.escape(template[last:]))
+
+
+def _fill(template: str, named: Mapping[str, str], stack: Sequence[int]) -> str:
+  """`template` with `{name}` from `named` (as ints: no leading zeros) and `{}` from `stack`."""
+  rest = iter(stack)
+  return _FIELD.sub(lambda m: str(int(named[m[1]]) if m[1] else next(rest)), template)
+
+
+def _stack_slots(template: str) -> int:
+  return sum(1 for m in _FIELD.finditer(template) if not m[1])
+
+
+def templates(mapping: Mapping[str, str | Sequence[str]], *,
+              layout_pattern: Mapping[str, str] | None = None,
+              untransposed: Sequence[str] = ()) -> KeyMap:
+  """A `KeyMap` from name templates.
+
+  Args:
+    mapping: `{path template: module template}`. `{i}` (any `{name}`) stands for digits in both
+      (a layer of an unstacked list: `"layers/{i}/attn/q_proj/w": "model.layers.{i}.self_attn.
+      q_proj"`); `{}` in the module stands for the kernel's stack indices in order (a stacked
+      kernel `(L, ...)`: `"model.layers.{}.mlp.fc1"`). A tuple of module templates is a fused
+      kernel whose first stack axis picks the module (`("...k_proj", "...v_proj")`).
+    layout_pattern: `{regex: "stack=(..) in=(..) out=(..)"}` layouts the map needs (the fused
+      kernels'), as `LoraConfig.layout_pattern`; kept on the map as `key_map.layout_pattern`.
+    untransposed: regexes (fullmatch) of 2-D leaves stored as torch stores them (an embedding
+      table `(V, D)`); every other 2-D leaf is `(in, out)`, torch's weight transposed. Used for
+      `modules_to_save` leaves.
+
+  Returns:
+    The `KeyMap`.
+
+  Raises:
+    ValueError: naming the template, for a module template whose `{name}` fields differ from its
+      path template's.
+  """
+  entries = []
+  for path, modules in mapping.items():
+    fused = not isinstance(modules, str)
+    names = tuple(modules) if fused else (modules,)
+    fields = {m[1] for m in _FIELD.finditer(path)}
+    if "" in fields:
+      raise ValueError(f"peft_key_map.templates: {path!r}: a path template takes named fields "
+                       f"({{i}}) only; '{{}}' (a stack index) belongs in the module template")
+    for name in names:
+      if {m[1] for m in _FIELD.finditer(name)} - {""} != fields:
+        raise ValueError(f"peft_key_map.templates: {path!r} -> {name!r}: the module template must "
+                         f"hold the same named fields {sorted(fields)}")
+    entries.append((path, _regex(path), names, fused, [_regex(n) for n in names]))
+  keep = [re.compile(p) for p in untransposed]
+
+  def to_peft(path: str, index: tuple[int, ...]) -> str | None:
+    for template, pattern, names, fused, _ in entries:
+      found = pattern.fullmatch(path)
+      if found is None:
+        continue
+      if fused and not index:
+        raise ValueError(f"{path}: a fused kernel of the PEFT modules {list(names)}; plan it with "
+                         f"its fused axis as a stack axis (LoraConfig(layout_pattern=key_map."
+                         f"layout_pattern)) so each module gets its own factors")
+      rest = index[1:] if fused else index
+      name = names[index[0]] if fused else names[0]
+      if fused and index[0] >= len(names) or _stack_slots(name) != len(rest):
+        raise ValueError(f"{path}: layer index {index} does not fit the module template(s) "
+                         f"{list(names)} of {template!r} (one '{{}}' per stack axis"
+                         f"{', after the fused one' if fused else ''})")
+      return _fill(name, found.groupdict(), rest)
+    return None
+
+  def from_peft(module: str) -> tuple[str, tuple[int, ...]] | None:
+    for template, _, _, fused, patterns in entries:
+      for k, pattern in enumerate(patterns):
+        found = pattern.fullmatch(module)
+        if found is None:
+          continue
+        named = found.groupdict()
+        stack = tuple(int(g) for j, g in enumerate(found.groups(), 1)
+                      if j not in pattern.groupindex.values())
+        path = _fill(template, named, ())
+        return path, ((k,) if fused else ()) + stack
+    return None
+
+  def transposed(path: str) -> bool:
+    return not any(p.fullmatch(path) for p in keep)
+
+  leaves = {p.rpartition("/")[2] for p in mapping}
+  return KeyMap(to_peft, from_peft, leaves.pop() if len(leaves) == 1 else "kernel",
+                layout_pattern=dict(layout_pattern or {}), transposed=transposed)
+
+
+_ATTN = "model.layers.{i}.self_attn."
+_MLP = {f"layers/{{i}}/mlp/{p}/kernel": f"model.layers.{{i}}.mlp.{p}"
+        for p in ("gate_proj", "up_proj", "down_proj")}
+_EMBED = {"embedder/input_embedding": "model.embed_tokens"}
+_TUNIX = {
+    "llama3": {**_EMBED, **{f"layers/{{i}}/attn/{p}/w": _ATTN + p
+                            for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+               **_MLP, "lm_head/w": "lm_head"},
+    "gemma3": {**_EMBED, "layers/{i}/attn/q_einsum/w": _ATTN + "q_proj",
+               "layers/{i}/attn/kv_einsum/w": (_ATTN + "k_proj", _ATTN + "v_proj"),
+               "layers/{i}/attn/attn_vec_einsum/w": _ATTN + "o_proj", **_MLP},
+}
+# Gemma 3 with as many KV heads as query heads: one fused q/k/v kernel instead of q and kv.
+_GEMMA3_QKV = {**{k: v for k, v in _TUNIX["gemma3"].items() if "_einsum" not in k or "vec" in k},
+               "layers/{i}/attn/qkv_einsum/w": (_ATTN + "q_proj", _ATTN + "k_proj", _ATTN + "v_proj")}
+_TUNIX["qwen3"] = _TUNIX["llama3"]  # the dense Qwen 3: Llama 3's names (q_norm/k_norm are not kernels)
+# kv_einsum (2, K, D, H): 'BSD,CKDH->CBSKH'; qkv_einsum (3, N, D, H): 'BTD,SNDH->SBTNH'
+_FUSED = {r"layers/\d+/attn/(kv|qkv)_einsum/w": "stack=(0) in=(2) out=(1,3)"}
+
+
+def tunix(model: str, *, qkv_einsum: bool = False) -> KeyMap:
+  """google-tunix (0.1.x) NNX models <-> Hugging Face transformers module names.
+
+  Per layer `i` (tunix keeps its layers in a list: `layers/{i}/...`):
+
+  | tunix path                                   | transformers module                     |
+  |----------------------------------------------|-----------------------------------------|
+  | `layers/{i}/attn/{q,k,v}_proj/w (D, N, H)`   | `model.layers.{i}.self_attn.{q,k,v}_proj` |
+  | `layers/{i}/attn/o_proj/w (N, H, D)`         | `model.layers.{i}.self_attn.o_proj`     |
+  | `layers/{i}/attn/q_einsum/w (N, D, H)`       | `...self_attn.q_proj` (Gemma 3)         |
+  | `layers/{i}/attn/kv_einsum/w (2, K, D, H)`   | `...self_attn.k_proj`, `...v_proj`      |
+  | `layers/{i}/attn/qkv_einsum/w (3, N, D, H)`  | `...q_proj`, `...k_proj`, `...v_proj`   |
+  | `layers/{i}/attn/attn_vec_einsum/w (N, H, D)`| `...self_attn.o_proj` (Gemma 3)         |
+  | `layers/{i}/mlp/{gate,up,down}_proj/kernel`  | `model.layers.{i}.mlp.{gate,up,down}_proj` |
+  | `embedder/input_embedding (V, D)`            | `model.embed_tokens`                    |
+  | `lm_head/w (D, V)` (Llama 3, Qwen 3 untied)  | `lm_head`                               |
+
+  An einsum kernel is the `Linear` whose weight is the kernel with its in axes and its out axes
+  each flattened in C order (`(D, N, H)` is `Linear(D, N·H)`, as transformers' `view(..., N, H)`),
+  which is how `export_peft` flattens it. The fused Gemma 3 kernels need their fused axis as a
+  stack axis: plan with `LoraConfig(..., layout_pattern=key_map.layout_pattern)`.
+
+  Args:
+    model: `"llama3"`, `"qwen3"` (dense) or `"gemma3"` (text).
+    qkv_einsum: Gemma 3 with as many KV heads as query heads, whose attention has one fused
+      `qkv_einsum` instead of `q_einsum` and `kv_einsum` (tunix picks it by the head counts).
+
+  Returns:
+    The `KeyMap`, with `layout_pattern` set for Gemma 3's fused kernels.
+
+  Raises:
+    ValueError: an unknown `model`.
+  """
+  if model not in _TUNIX:
+    raise ValueError(f"peft_key_map.tunix: model must be one of {sorted(_TUNIX)}, got {model!r}")
+  if qkv_einsum and model != "gemma3":
+    raise ValueError(f"peft_key_map.tunix: qkv_einsum is a Gemma 3 layout, not {model!r}'s")
+  names = _GEMMA3_QKV if qkv_einsum else _TUNIX[model]
+  return templates(names, layout_pattern=_FUSED if model == "gemma3" else None,
+                   untransposed=(r"embedder/input_embedding",))
+
+
+peft_key_map.templates = templates
+peft_key_map.tunix = tunix
