@@ -220,3 +220,69 @@ def test_layers_to_transform_of_a_scanned_stack_exports_and_imports(torch_peft, 
     lj.export_peft(tmp_path, plan, tree, key_map=KEY_MAP)
   with pytest.raises(ValueError, match=r"layers_to_transform \[5\] goes past its stack of 2 layers"):
     _lj(params, tokens, target_modules=["q_proj"], layers_to_transform=[5])
+
+
+def maxtext(params, tokens):
+  """The same Llama with MaxText's names and scanned layout (layer axis 1, einsum kernels)."""
+  p = params["params"]
+  table = p["token_embedder"]["embedding"]
+  h = table[tokens]
+  b, t = tokens.shape
+  causal = jnp.tril(jnp.ones((t, t), bool))
+
+  def layer(h, w):
+    a, m = w["self_attention"], w["mlp"]
+    x = _rms(h, w["pre_self_attention_layer_norm"]["scale"])
+    q, k, v = (jnp.einsum("btd,dnh->btnh", x, a[n]["kernel"]) for n in ("query", "key", "value"))
+    q, k = _rope(q), _rope(k)
+    k, v = jnp.repeat(k, N // K, 2), jnp.repeat(v, N // K, 2)
+    s = jnp.einsum("bqnh,bknh->bnqk", q, k) / np.sqrt(HD)
+    s = jax.nn.softmax(jnp.where(causal, s, -jnp.inf), -1)
+    h = h + jnp.einsum("btnh,nhd->btd", jnp.einsum("bnqk,bknh->bqnh", s, v), a["out"]["kernel"])
+    x = _rms(h, w["post_self_attention_layer_norm"]["scale"])
+    up = jax.nn.silu(x @ m["wi_0"]["kernel"]) * (x @ m["wi_1"]["kernel"])
+    return h + up @ m["wo"]["kernel"], None
+
+  layers = jax.tree_util.tree_map(lambda x: jnp.moveaxis(x, 1, 0), p["decoder"]["layers"])
+  h = jax.lax.scan(layer, h, layers)[0]
+  return _rms(h, p["decoder"]["decoder_norm"]["scale"]) @ table.T
+
+
+def _maxtext_params(params):
+  """The HF-named stacked tree in MaxText's names and shapes: `query (D, L, N, H)`, ..."""
+  p = params["model"]
+  at, ml = p["layers"]["self_attn"], p["layers"]["mlp"]
+  heads = lambda x, n: jnp.moveaxis(x.reshape(L, D, n, HD), 0, 1)
+  layers = {"self_attention": {"query": {"kernel": heads(at["q_proj"]["kernel"], N)},
+                               "key": {"kernel": heads(at["k_proj"]["kernel"], K)},
+                               "value": {"kernel": heads(at["v_proj"]["kernel"], K)},
+                               "out": {"kernel": jnp.moveaxis(at["o_proj"]["kernel"].reshape(L, N, HD, D), 0, 1)}},
+            "mlp": {n: {"kernel": jnp.moveaxis(ml[hf]["kernel"], 0, 1)}
+                    for n, hf in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj"))},
+            **{mt: {"scale": p["layers"][hf]["scale"].T} for mt, hf in (
+                ("pre_self_attention_layer_norm", "input_layernorm"),
+                ("post_self_attention_layer_norm", "post_attention_layernorm"))}}
+  return {"params": {"token_embedder": {"embedding": p["embed_tokens"]["embedding"]},
+                     "decoder": {"layers": layers, "decoder_norm": p["norm"]}}}
+
+
+def test_maxtext_map_exports_to_peft_llama_and_back(torch_peft, model, tmp_path):
+  torch, peft, _ = torch_peft
+  make_hf, params, tokens = model
+  mt = _maxtext_params(params)
+  _close(np.asarray(maxtext(mt, tokens)), np.asarray(llama(params, tokens)))
+  key_map = lj.peft_key_map.maxtext()
+  config = lj.LoraConfig(target_modules=["query", "value", "out", "wi_0", "wo"], rank=2, alpha=3.0,
+                         layout_pattern=key_map.layout_pattern, scaling="rslora")
+  plan = lj.plan(config, mt, maxtext, (tokens,))
+  assert {s.path.split("/")[-2]: s.layout.to_text() for s in plan.sites}["out"] == "stack=(1) in=(0,2) out=(3)"
+  tree = _random(lj.attach(plan, mt, jax.random.key(1)), seed=5)
+  want = np.asarray(lj.unmerged(maxtext, plan)(tree, tokens))
+  assert not np.allclose(want, llama(params, tokens), atol=1e-2)
+  lj.export_peft(tmp_path, plan, tree, key_map=key_map)
+  peft_model = peft.PeftModel.from_pretrained(make_hf(), tmp_path)
+  _close(_logits(torch, peft_model, tokens), want)
+  _close(_logits(torch, peft_model.merge_and_unload(), tokens), np.asarray(maxtext(lj.merge(plan, tree), tokens)))
+  got, _ = lj.import_peft(tmp_path, mt, key_map=key_map)  # the map's layouts: no apply_fn needed
+  for a, b in zip(jax.tree_util.tree_leaves(lj.split(got)[0]), jax.tree_util.tree_leaves(lj.split(tree)[0])):
+    np.testing.assert_array_equal(a, b)

@@ -191,3 +191,100 @@ def tunix(model: str, *, qkv_einsum: bool = False) -> KeyMap:
 
 peft_key_map.templates = templates
 peft_key_map.tunix = tunix
+
+
+_MAXTEXT = {"self_attention/query": "self_attn.q_proj", "self_attention/key": "self_attn.k_proj",
+            "self_attention/value": "self_attn.v_proj", "self_attention/out": "self_attn.o_proj",
+            "mlp/wi_0": "mlp.gate_proj", "mlp/wi_1": "mlp.up_proj", "mlp/wo": "mlp.down_proj"}
+
+
+def maxtext(*, scanned: bool = True, prefix: str = "params") -> KeyMap:
+  """MaxText decoder (Llama-style `decoders.py`) params <-> Hugging Face Llama module names.
+
+  | MaxText path (`scan_layers=True`, layer axis 1)     | transformers module                   |
+  |-----------------------------------------------------|---------------------------------------|
+  | `decoder/layers/self_attention/query/kernel (D, L, N, H)`, `key`, `value` | `...q_proj`, ... |
+  | `decoder/layers/self_attention/out/kernel (N, L, H, D)` | `model.layers.{l}.self_attn.o_proj` |
+  | `decoder/layers/mlp/wi_0/kernel (D, L, F)`, `wi_1`  | `model.layers.{l}.mlp.gate_proj`, `up_proj`|
+  | `decoder/layers/mlp/wo/kernel (F, L, D)`            | `model.layers.{l}.mlp.down_proj`      |
+  | `token_embedder/embedding (V, D)`                   | `model.embed_tokens`                  |
+  | `decoder/logits_dense/kernel (D, V)`                | `lm_head`                             |
+
+  With `scan_layers=False` the layers are `decoder/layers_{l}/...` without the layer axis. A
+  scanned kernel's layer axis 1 is a stack axis; the map's `layout_pattern` states every layout
+  (plan with `LoraConfig(..., layout_pattern=key_map.layout_pattern)`), so the layer index is
+  PEFT's `model.layers.{l}` and the in/out axes flatten in C order (`(D, N, H)` is
+  `Linear(D, N·H)`). Logits through the embedding (`logits_via_embedding=True`) are a tied head.
+
+  Args:
+    scanned: MaxText's `scan_layers`.
+    prefix: the variables' collection (`"params"`; `""` for a bare params tree).
+
+  Returns:
+    The `KeyMap`, with `layout_pattern` set.
+  """
+  head = f"{prefix}/" if prefix else ""
+  layers = "decoder/layers" if scanned else "decoder/layers_{l}"
+  index = "{}" if scanned else "{l}"
+  mapping = {f"{head}{layers}/{p}/kernel": f"model.layers.{index}.{m}" for p, m in _MAXTEXT.items()}
+  mapping[f"{head}token_embedder/embedding"] = "model.embed_tokens"
+  mapping[f"{head}decoder/logits_dense/kernel"] = "lm_head"
+  layer_re = re.escape(head) + (r"decoder/layers" if scanned else r"decoder/layers_\d+")
+  if scanned:
+    layouts = {rf"{layer_re}/self_attention/(query|key|value)/kernel": "stack=(1) in=(0) out=(2,3)",
+               rf"{layer_re}/self_attention/out/kernel": "stack=(1) in=(0,2) out=(3)",
+               rf"{layer_re}/mlp/(wi_0|wi_1|wo)/kernel": "stack=(1) in=(0) out=(2)"}
+  else:
+    layouts = {rf"{layer_re}/self_attention/(query|key|value)/kernel": "in=(0) out=(1,2)",
+               rf"{layer_re}/self_attention/out/kernel": "in=(0,1) out=(2)",
+               rf"{layer_re}/mlp/(wi_0|wi_1|wo)/kernel": "in=(0) out=(1)"}
+  return templates(mapping, layout_pattern=layouts,
+                   untransposed=(rf"{re.escape(head)}token_embedder/embedding",))
+
+
+def gemma(*, prefix: str = "transformer") -> KeyMap:
+  """DeepMind `gemma` (linen) params <-> Hugging Face Gemma module names, per layer `i`:
+
+  | gemma path                               | transformers module                        |
+  |------------------------------------------|--------------------------------------------|
+  | `layer_{i}/attn/q_einsum/w (N, D, H)`    | `model.layers.{i}.self_attn.q_proj`        |
+  | `layer_{i}/attn/kv_einsum/w (2, K, D, H)`| `...self_attn.k_proj`, `...self_attn.v_proj` |
+  | `layer_{i}/attn/qkv_einsum/w (3, N, D, H)`| `...q_proj`, `...k_proj`, `...v_proj`     |
+  | `layer_{i}/attn/attn_vec_einsum/w (N, H, D)` | `...self_attn.o_proj`                  |
+  | `layer_{i}/mlp/gating_einsum (2, F, D)`  | `model.layers.{i}.mlp.gate_proj`, `up_proj` |
+  | `layer_{i}/mlp/linear (F, D)`            | `model.layers.{i}.mlp.down_proj`           |
+  | `embedder/input_embedding (V, D)`        | `model.embed_tokens` (the tied head too)   |
+
+  The fused kernels are one PEFT module per projection: their fused axis is a stack axis, as the
+  map's `layout_pattern` says (`kv_einsum`: `stack=(0) in=(2) out=(1,3)`; `gating_einsum`, used as
+  `'btd,cfd->cbtf'`: `stack=(0) in=(2) out=(1)`); plan with
+  `LoraConfig(..., layout_pattern=key_map.layout_pattern)`.
+
+  Args:
+    prefix: the path above the layers (`"transformer"` in gemma's checkpoints, `"params"` for
+      `model.init`'s variables, `""` for none).
+
+  Returns:
+    The `KeyMap`, with `layout_pattern` set.
+  """
+  head = f"{prefix}/" if prefix else ""
+  attn, mlp = f"{head}layer_{{i}}/attn/", f"{head}layer_{{i}}/mlp/"
+  mapping = {attn + "q_einsum/w": _ATTN + "q_proj",
+             attn + "kv_einsum/w": (_ATTN + "k_proj", _ATTN + "v_proj"),
+             attn + "qkv_einsum/w": (_ATTN + "q_proj", _ATTN + "k_proj", _ATTN + "v_proj"),
+             attn + "attn_vec_einsum/w": _ATTN + "o_proj",
+             mlp + "gating_einsum": ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"),
+             mlp + "linear": "model.layers.{i}.mlp.down_proj",
+             f"{head}embedder/input_embedding": "model.embed_tokens"}
+  layer = re.escape(head) + r"layer_\d+/"
+  layouts = {rf"{layer}attn/(kv|qkv)_einsum/w": "stack=(0) in=(2) out=(1,3)",
+             rf"{layer}attn/q_einsum/w": "in=(1) out=(0,2)",
+             rf"{layer}attn/attn_vec_einsum/w": "in=(0,1) out=(2)",
+             rf"{layer}mlp/gating_einsum": "stack=(0) in=(2) out=(1)",
+             rf"{layer}mlp/linear": "in=(0) out=(1)"}
+  return templates(mapping, layout_pattern=layouts,
+                   untransposed=(rf"{re.escape(head)}embedder/input_embedding",))
+
+
+peft_key_map.maxtext = maxtext
+peft_key_map.gemma = gemma
