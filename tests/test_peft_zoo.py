@@ -198,8 +198,8 @@ def test_layers_to_transform_of_a_scanned_stack_exports_and_imports(torch_peft, 
   plan, tree, run = _lj(params, tokens, target_modules=["q_proj", "gate_proj"], layers_to_transform=[1])
   q = tree["model"]["layers"]["self_attn"]["q_proj"]
   assert not np.any(q["kernel_lora_a"][0]) and np.all(q["kernel_lora_a"][1] != 0)  # attach: A = 0 off layer 1
-  with pytest.raises(ValueError, match=r"gate_proj/kernel: layer \(0,\) is outside LoraConfig.layers_to_transform "
-                     r"\[1\] but its factors are not zero"):
+  with pytest.raises(ValueError, match=r"gate_proj/kernel: layer \(0,\) is outside LoraConfig."
+                     r"layers_to_transform \[1\] but its factors are not zero"):
     lj.export_peft(tmp_path, plan, _random(tree, seed=4), key_map=KEY_MAP)
   tree = _random(tree, seed=4, keep={1})
   want = run(tree)
@@ -256,7 +256,8 @@ def _maxtext_params(params):
   layers = {"self_attention": {"query": {"kernel": heads(at["q_proj"]["kernel"], N)},
                                "key": {"kernel": heads(at["k_proj"]["kernel"], K)},
                                "value": {"kernel": heads(at["v_proj"]["kernel"], K)},
-                               "out": {"kernel": jnp.moveaxis(at["o_proj"]["kernel"].reshape(L, N, HD, D), 0, 1)}},
+                               "out": {"kernel": jnp.moveaxis(
+                                   at["o_proj"]["kernel"].reshape(L, N, HD, D), 0, 1)}},
             "mlp": {n: {"kernel": jnp.moveaxis(ml[hf]["kernel"], 0, 1)}
                     for n, hf in (("wi_0", "gate_proj"), ("wi_1", "up_proj"), ("wo", "down_proj"))},
             **{mt: {"scale": p["layers"][hf]["scale"].T} for mt, hf in (
@@ -275,14 +276,69 @@ def test_maxtext_map_exports_to_peft_llama_and_back(torch_peft, model, tmp_path)
   config = lj.LoraConfig(target_modules=["query", "value", "out", "wi_0", "wo"], rank=2, alpha=3.0,
                          layout_pattern=key_map.layout_pattern, scaling="rslora")
   plan = lj.plan(config, mt, maxtext, (tokens,))
-  assert {s.path.split("/")[-2]: s.layout.to_text() for s in plan.sites}["out"] == "stack=(1) in=(0,2) out=(3)"
+  layouts = {s.path.split("/")[-2]: s.layout.to_text() for s in plan.sites}
+  assert layouts["out"] == "stack=(1) in=(0,2) out=(3)"
   tree = _random(lj.attach(plan, mt, jax.random.key(1)), seed=5)
   want = np.asarray(lj.unmerged(maxtext, plan)(tree, tokens))
   assert not np.allclose(want, llama(params, tokens), atol=1e-2)
   lj.export_peft(tmp_path, plan, tree, key_map=key_map)
   peft_model = peft.PeftModel.from_pretrained(make_hf(), tmp_path)
   _close(_logits(torch, peft_model, tokens), want)
-  _close(_logits(torch, peft_model.merge_and_unload(), tokens), np.asarray(maxtext(lj.merge(plan, tree), tokens)))
+  _close(_logits(torch, peft_model.merge_and_unload(), tokens),
+         np.asarray(maxtext(lj.merge(plan, tree), tokens)))
   got, _ = lj.import_peft(tmp_path, mt, key_map=key_map)  # the map's layouts: no apply_fn needed
+  for a, b in zip(jax.tree_util.tree_leaves(lj.split(got)[0]), jax.tree_util.tree_leaves(lj.split(tree)[0])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_gemma_map_names_hf_gemma_modules_and_flattens_exactly(torch_peft, tmp_path):
+  """gemma linen names/shapes -> HF Gemma's PEFT modules: every module and factor shape PEFT
+  makes on a tiny GemmaForCausalLM, and each module's `scale·B·A` equal to the slice of lj's
+  `W + ΔW - W` in torch's `(out, in)` (gating_einsum (2, F, D) is already `(out, in)` per half)."""
+  torch, peft, transformers = torch_peft
+  G = 2  # layers
+  shapes = {"attn/q_einsum/w": (N, D, HD), "attn/kv_einsum/w": (2, K, D, HD),
+            "attn/attn_vec_einsum/w": (N, HD, D), "mlp/gating_einsum": (2, F, D), "mlp/linear": (F, D)}
+  rng = np.random.default_rng(6)
+  base = {"transformer": {f"layer_{i}": {} for i in range(G)}}
+  for i in range(G):
+    for name, shape in shapes.items():
+      module, leaf = name.rsplit("/", 1)
+      base["transformer"][f"layer_{i}"].setdefault(module.split("/")[0], {})
+      node = base["transformer"][f"layer_{i}"][module.split("/")[0]]
+      node = node.setdefault(module.split("/")[1], {}) if "/" in module else node
+      node[leaf] = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  key_map = lj.peft_key_map.gemma()
+  plan = lj.plan(lj.LoraConfig(targets=r".*(einsum/w|gating_einsum|linear)", rank=2, alpha=3.0,
+                               layout_pattern=key_map.layout_pattern), base)
+  tree = _random(lj.attach(plan, base, jax.random.key(1)), seed=7)
+  lj.export_peft(tmp_path, plan, tree, key_map=key_map)
+  tensors = st.load_file(str(tmp_path / "adapter_model.safetensors"))
+  hf = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+      vocab_size=V, hidden_size=D, intermediate_size=F, num_hidden_layers=G, num_attention_heads=N,
+      num_key_value_heads=K, head_dim=HD))
+  made = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                      "gate_proj", "up_proj", "down_proj"]))
+  want = {k.replace(".default", ""): tuple(v.shape) for k, v in made.state_dict().items() if "lora_" in k}
+  assert {k: v.shape for k, v in tensors.items()} == want
+  merged = lj.merge(plan, tree)
+  delta = lambda path: np.asarray(merged["transformer"][path[0]][path[1]][path[2]]) - np.asarray(
+      base["transformer"][path[0]][path[1]][path[2]])
+  scale = plan.sites[0].scale
+  peft_delta = lambda m: scale * tensors[f"base_model.model.{m}.lora_B.weight"] @ tensors[
+      f"base_model.model.{m}.lora_A.weight"]
+  pre = "model.layers.1."
+  d = delta(("layer_1", "mlp", "gating_einsum"))
+  np.testing.assert_allclose(peft_delta(pre + "mlp.gate_proj"), d[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(peft_delta(pre + "mlp.up_proj"), d[1], rtol=1e-5, atol=1e-6)
+  kv = np.asarray(merged["transformer"]["layer_1"]["attn"]["kv_einsum"]["w"]) - np.asarray(
+      base["transformer"]["layer_1"]["attn"]["kv_einsum"]["w"])  # (2, K, D, HD)
+  np.testing.assert_allclose(peft_delta(pre + "self_attn.v_proj"),
+                             kv[1].transpose(0, 2, 1).reshape(K * HD, D), rtol=1e-5, atol=1e-6)
+  o = np.asarray(merged["transformer"]["layer_1"]["attn"]["attn_vec_einsum"]["w"]) - np.asarray(
+      base["transformer"]["layer_1"]["attn"]["attn_vec_einsum"]["w"])  # (N, HD, D)
+  np.testing.assert_allclose(peft_delta(pre + "self_attn.o_proj"), o.reshape(N * HD, D).T, rtol=1e-5,
+                             atol=1e-6)
+  got, _ = lj.import_peft(tmp_path, base, key_map=key_map)
   for a, b in zip(jax.tree_util.tree_leaves(lj.split(got)[0]), jax.tree_util.tree_leaves(lj.split(tree)[0])):
     np.testing.assert_array_equal(a, b)

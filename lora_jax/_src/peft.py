@@ -219,8 +219,9 @@ def _is_tied(site: Site) -> bool:
           and any(u.primitive == "dot_general" for u in site.use))
 
 
-def _check_exportable(site: Site) -> None:
-  conv_like = not site.use and len(site.layout.in_axes) > 1 and len(site.shape) > 2
+def _check_exportable(site: Site, stated: bool) -> None:
+  # without uses, several in axes read as a conv window, unless the config states the layout
+  conv_like = not site.use and not stated and len(site.layout.in_axes) > 1 and len(site.shape) > 2
   if "conv_general_dilated" in site.use or conv_like:
     raise NotImplementedError(f"{site.path}: only kernels used as dense layers (PEFT `Linear`) or "
                               f"embedding lookups (`Embedding`) can be exported to PEFT; this one "
@@ -333,7 +334,7 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
   embeddings = [s for s in plan.sites if _is_embedding(s)]
   save_embeddings = bool(embeddings) if save_embedding_layers == "auto" else save_embedding_layers
   for site in plan.sites:
-    _check_exportable(site)
+    _check_exportable(site, plan.config.layout_for(site.path) is not None)
     w, a, b = (np.asarray(x) for x in arrays[site.path])
     names = ("lora_embedding_A", "lora_embedding_B") if site in embeddings else ("lora_A.weight",
                                                                                 "lora_B.weight")
