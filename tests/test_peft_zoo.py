@@ -342,3 +342,111 @@ def test_gemma_map_names_hf_gemma_modules_and_flattens_exactly(torch_peft, tmp_p
   got, _ = lj.import_peft(tmp_path, base, key_map=key_map)
   for a, b in zip(jax.tree_util.tree_leaves(lj.split(got)[0]), jax.tree_util.tree_leaves(lj.split(tree)[0])):
     np.testing.assert_array_equal(a, b)
+
+
+E, TOPK, FE = 4, 2, 8  # experts, experts per token, expert width
+MOE_TARGETS = r"layers/\d+/mlp/(gate|up|down)_proj"
+
+
+def moe_block(params, x):
+  """tunix Qwen3-MoE's MoE MLP (dense over experts, as its non-megablox path), as transformers'
+  `Qwen3MoeSparseMoeBlock` computes it: softmax router, top-k renormalised, SiLU-gated experts."""
+  m = params["layers"]["0"]["mlp"]
+  top, idx = jax.lax.top_k(jax.nn.softmax(x @ m["router"]["kernel"], -1), TOPK)
+  weights = (jax.nn.one_hot(idx, E) * (top / top.sum(-1, keepdims=True))[..., None]).sum(-2)
+  out = jnp.zeros_like(x)
+  for e in range(E):
+    h = jax.nn.silu(x @ m["gate_proj"][e]) * (x @ m["up_proj"][e])
+    out = out + (h @ m["down_proj"][e]) * weights[..., e:e + 1]
+  return out
+
+
+@pytest.fixture(scope="module")
+def moe(torch_peft):
+  """`(make_hf, params, x)`: a tiny transformers Qwen3-MoE (per call, same weights) and its layer
+  0's MoE block weights in tunix's names and shapes (`gate_proj (E, D, F)`, `down_proj (E, F, D)`)."""
+  torch, _, transformers = torch_peft
+  config = transformers.Qwen3MoeConfig(vocab_size=V, hidden_size=D, intermediate_size=F,
+                                       moe_intermediate_size=FE, num_hidden_layers=1,
+                                       num_attention_heads=N, num_key_value_heads=K, head_dim=HD,
+                                       num_experts=E, num_experts_per_tok=TOPK, norm_topk_prob=True)
+  torch.manual_seed(2)
+  state = {k: v.clone() for k, v in transformers.Qwen3MoeForCausalLM(config).state_dict().items()}
+  state["model.layers.0.mlp.gate.weight"].normal_()  # zeros by default: route for real
+
+  def make_hf():
+    m = transformers.Qwen3MoeForCausalLM(config)
+    m.load_state_dict(state)
+    return m.eval()
+
+  sd = {k.removeprefix("model.layers.0.mlp."): v.numpy() for k, v in state.items()}
+  gate_up = sd["experts.gate_up_proj"]  # (E, 2F, D)
+  params = {"layers": {"0": {"mlp": {"router": {"kernel": sd["gate.weight"].T},
+                                     "gate_proj": gate_up[:, :FE].transpose(0, 2, 1),
+                                     "up_proj": gate_up[:, FE:].transpose(0, 2, 1),
+                                     "down_proj": sd["experts.down_proj"].transpose(0, 2, 1)}}}}
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, T, D)), jnp.float32)
+  _close(np.asarray(moe_block(params, x)), _block(torch, make_hf(), x))  # the same block
+  return make_hf, params, x
+
+
+def _block(torch, model, x):
+  layer = model.get_decoder().layers[0] if hasattr(model, "get_decoder") else model
+  with torch.no_grad():
+    return layer.mlp(torch.from_numpy(np.array(x))).numpy()
+
+
+def test_qwen3_moe_experts_export_to_peft_target_parameters(torch_peft, moe, tmp_path):
+  torch, peft, _ = torch_peft
+  make_hf, params, x = moe
+  key_map = lj.peft_key_map.tunix("qwen3_moe")
+  config = lj.LoraConfig(targets=MOE_TARGETS, rank=2, alpha=3.0, layout_pattern=key_map.layout_pattern,
+                         rank_pattern={".*up_proj": 3}, alpha_pattern={".*up_proj": 5.0})
+  plan = lj.plan(config, params, moe_block, (x,))
+  tree = _random(lj.attach(plan, params, jax.random.key(1)), seed=8)
+  want = np.asarray(lj.unmerged(moe_block, plan)(tree, x))
+  assert not np.allclose(want, moe_block(params, x), atol=1e-2)
+  lj.export_peft(tmp_path, plan, tree, key_map=key_map)
+  written = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert written["target_parameters"] == [f"model.layers.0.mlp.experts.{p}"
+                                         for p in ("down_proj", "gate_up_proj")]
+  # PEFT 0.21 checks pattern keys against module names only, so it calls the per-parameter rank and
+  # alpha entries "ignored" while it applies them (`get_pattern_key` on the parameter's name)
+  with pytest.warns(RuntimeWarning, match=r"(rank|alpha)_pattern keys did not match any targeted module"):
+    peft_model = peft.PeftModel.from_pretrained(make_hf(), tmp_path)
+  assert peft_model.base_model.model.model.layers[0].mlp.experts.base_layer.r["default"] == 5
+  _close(_block(torch, peft_model.base_model.model, x), want)
+  # PEFT's merge of the fused tensors is lj's merge, fused: gate_up[e] = [gate[e]ᵀ; up[e]ᵀ]
+  merged = peft_model.merge_and_unload().model.layers[0].mlp.experts
+  ours = lj.merge(plan, tree)["layers"]["0"]["mlp"]
+  np.testing.assert_allclose(merged.gate_up_proj.detach().numpy(), np.concatenate(
+      [np.asarray(ours["gate_proj"]), np.asarray(ours["up_proj"])], -1).transpose(0, 2, 1),
+      rtol=1e-5, atol=1e-6)
+  # and back: gate and up share PEFT's A, so the import is the same ΔW (not the same factors)
+  got, got_plan = lj.import_peft(tmp_path, params, key_map=key_map)
+  assert {s.path.rpartition("/")[2]: s.rank for s in got_plan.sites} == {"gate_proj": 5, "up_proj": 5,
+                                                                         "down_proj": 2}
+  _close(np.asarray(lj.unmerged(moe_block, got_plan)(got, x)), want)
+  with pytest.raises(ValueError, match=r"up_proj: part of PEFT's fused parameter "
+                     r"'model.layers.0.mlp.experts.gate_up_proj', .*\['layers/0/mlp/gate_proj'\]"):
+    up_only = lj.plan(lj.LoraConfig(targets=r".*up_proj", layout_pattern=key_map.layout_pattern), params)
+    lj.export_peft(tmp_path, up_only, lj.attach(up_only, params, jax.random.key(0)), key_map=key_map)
+
+
+def test_peft_target_parameters_adapter_imports_to_tunix_experts(torch_peft, moe, tmp_path):
+  torch, peft, _ = torch_peft
+  make_hf, params, x = moe
+  torch.manual_seed(3)
+  config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=[], use_rslora=True,
+                           target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+  peft_model = peft.get_peft_model(make_hf(), config)
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_" in name:
+        p.normal_(0, 0.3)
+  peft_model.save_pretrained(tmp_path)
+  tree, plan = lj.import_peft(tmp_path, params, key_map=lj.peft_key_map.tunix("qwen3_moe"))
+  got = np.asarray(lj.unmerged(moe_block, plan)(tree, x))
+  _close(got, _block(torch, peft_model.base_model.model, x))
+  assert not np.allclose(got, moe_block(params, x), atol=1e-2)

@@ -41,6 +41,7 @@ import safetensors.numpy
 
 from .adapters import LORA_A, LORA_B, put_factors, saved_arrays, site_arrays
 from .config import LoraConfig, module_of
+from .layout import Layout
 from .plan import plan as make_plan
 from .sites import Plan, Site
 from .tree import flatten, map_leaves, unbox, with_value
@@ -70,6 +71,15 @@ class KeyMap:
   layout_pattern: Mapping[str, str] = dataclasses.field(default_factory=dict)
   # whether a 2-D leaf is torch's weight transposed ((in, out)); default: leaves named `kernel`
   transposed: Callable[[str], bool] | None = None
+  # PEFT `target_parameters` (fused MoE expert tensors): `experts(path)` is `(parameter, part,
+  # parts)` for a kernel that is part `part` of `parts` concatenated along the parameter's out
+  # axis (tunix `gate_proj` is part 0 of 2 of transformers' `experts.gate_up_proj`), else None;
+  # `from_experts(parameter)` the kernels' paths by part, or None; `expert_params` the expert
+  # module's parameter names in torch's registration order (PEFT nests one wrapper per
+  # parameter in that order: all but the last targeted one sit under `.base_layer`s).
+  experts: Callable[[str], tuple[str, int, int] | None] | None = None
+  from_experts: Callable[[str], list[str] | None] | None = None
+  expert_params: tuple[str, ...] = ()
 
   def is_transposed(self, path: str) -> bool:
     """Whether the 2-D leaf at `path` is stored `(in, out)`, torch's `(out, in)` transposed."""
@@ -333,7 +343,10 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
   tensors, ranks, alphas, owner, heads = {}, {}, {}, {}, set()
   embeddings = [s for s in plan.sites if _is_embedding(s)]
   save_embeddings = bool(embeddings) if save_embedding_layers == "auto" else save_embedding_layers
+  experts = _expert_sites(plan, key_map)
   for site in plan.sites:
+    if site.path in experts:
+      continue
     _check_exportable(site, plan.config.layout_for(site.path) is not None)
     w, a, b = (np.asarray(x) for x in arrays[site.path])
     names = ("lora_embedding_A", "lora_embedding_B") if site in embeddings else ("lora_A.weight",
@@ -363,6 +376,7 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
         tensors[f"{PREFIX}{tied_head}.lora_A.weight"] = b.reshape(site.rank, site.fan_out)
         tensors[f"{PREFIX}{tied_head}.lora_B.weight"] = a.reshape(site.fan_in, site.rank)
         heads.add(tied_head)
+  target_parameters = _export_experts(experts, plan, arrays, key_map, tensors, ranks, alphas)
   saved_modules = set()
   for path, leaf in saved_arrays(plan, tree).items():
     name, value = _saved_names(key_map, path, leaf)
@@ -379,6 +393,7 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
             "bias": "none", "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": init,
             "use_dora": False, "modules_to_save": sorted(saved_modules) or None,
             "ensure_weight_tying": bool(heads), **_layers_config(plan, owner),
+            "target_parameters": target_parameters or None,
             "inference_mode": True}
   os.makedirs(directory, exist_ok=True)
   _save_weights(os.path.join(directory, WEIGHTS_NAME), tensors)
@@ -511,7 +526,8 @@ def _read_config(path: str) -> dict[str, Any]:
           "init": "gaussian" if init == "gaussian" else "kaiming_uniform",
           "modules_to_save": _config_names(path, "modules_to_save", config.get("modules_to_save")),
           "layers_to_transform": _config_layers(path, config.get("layers_to_transform")),
-          "ensure_weight_tying": config.get("ensure_weight_tying") is True}
+          "ensure_weight_tying": config.get("ensure_weight_tying") is True,
+          "target_parameters": _config_names(path, "target_parameters", config.get("target_parameters"))}
 
 
 def _config_names(path: str, field: str, value: Any) -> list[str]:
@@ -723,6 +739,7 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   header = _header(weights_path)
   modules, others = _modules(header, weights_path, config["modules_to_save"])
   leaves = {p: unbox(x) for p, x in flatten(base).items()}
+  experts = _import_experts(modules, config, key_map, leaves, weights_path)
   tied = _tied_head(modules, others, header, config["ensure_weight_tying"], key_map, leaves, tied_head,
                     weights_path)
   saved = _saved_paths(others, key_map, leaves, weights_path)
@@ -754,7 +771,9 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   alphas = per_path(lambda m: _peft_lookup(config["alpha_pattern"], config["lora_alpha"], m),
                     "alphas")
   r, alpha = config["r"], config["lora_alpha"]
-  exact = {p: re.escape(p) for p in by_path}
+  for path, (_, _, rank, alpha_) in experts.items():
+    ranks[path], alphas[path] = rank, alpha_
+  exact = {p: re.escape(p) for p in [*by_path, *experts]}
   lora_config = LoraConfig(
       targets=tuple(exact.values()), rank=r, alpha=alpha,
       rank_pattern={exact[p]: v for p, v in ranks.items() if v != r},
@@ -772,6 +791,9 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   kept = config["layers_to_transform"]  # PEFT's layer index is the first stack index
 
   for site in plan.sites:
+    if site.path in experts:
+      _check_expert_layout(site, experts[site.path][0])
+      continue
     layers = by_path[site.path]
     missing = [i for i in _layers(site) if i not in layers and (kept is None or i[0] in kept)]
     extra = sorted(set(layers) - set(_layers(site)))
@@ -797,8 +819,10 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   tensors = _load(weights_path, header)
   if tied is not None:
     _check_tied(tensors, *tied)
-  loaded = {}
+  loaded = _expert_factors(experts, plan, tensors)
   for site in plan.sites:
+    if site.path in experts:
+      continue
     layers = by_path[site.path]
     a_layers, b_layers = [], []
     for index in _layers(site):
@@ -916,3 +940,155 @@ def _check_tied(tensors: Mapping[str, np.ndarray], head: str, embedding: str) ->
     if not np.array_equal(tensors[head_key], tensors[emb_key].T):
       raise ValueError(f"lj.import_peft: {head_key} is not {emb_key} transposed, as weight tying "
                        f"(ensure_weight_tying) makes it; the tied table has one adapter")
+
+
+def _expert_sites(plan: Plan, key_map: KeyMap) -> dict[str, tuple[str, int, int]]:
+  """`{path: (PEFT parameter, part, parts)}` for the sites the key map puts in fused expert
+  tensors (PEFT's `target_parameters`)."""
+  if key_map.experts is None:
+    return {}
+  found = {s.path: key_map.experts(s.path) for s in plan.sites}
+  return {p: e for p, e in found.items() if e is not None}
+
+
+def _expert_module(param: str, key_map: KeyMap, targeted: Sequence[str]) -> str:
+  """PEFT's module name of a `ParamWrapper` over `param`: PEFT wraps the targeted parameters of
+  one module in torch's registration order, each around the last, so a parameter sits under one
+  `.base_layer` per targeted parameter registered after it."""
+  module, _, name = param.rpartition(".")
+  on_module = [n for n in key_map.expert_params if f"{module}.{n}" in targeted]
+  return module + ".base_layer" * (len(on_module) - 1 - on_module.index(name))
+
+
+def _export_experts(experts: Mapping[str, tuple[str, int, int]], plan: Plan,
+                    arrays: Mapping[str, Any], key_map: KeyMap, tensors: dict[str, np.ndarray],
+                    ranks: dict[str, int], alphas: dict[str, Any]) -> list[str]:
+  """Write the expert sites as PEFT `target_parameters` (into `tensors`, `ranks`, `alphas`).
+
+  PEFT's `ParamWrapper` over an `(E, out, in)` parameter has `lora_A.weight: (E·r, in)`, read as
+  `(E, r, in)`, and `lora_B.weight: (out, r·E)`, read as `(out, r, E)`, with
+  `ΔW[e] = scale·B[:, :, e]·A[e]`. Kernels `(E, in, out_k)` (layout `stack=(0) in=(1) out=(2)`)
+  fused along `out` (tunix `gate_proj` + `up_proj` = `gate_up_proj`) become one adapter of rank
+  `r = Σ r_k`: `A[e] = [A_0[e]ᵀ; A_1[e]ᵀ; ...]` and `B[e]` block-diagonal with blocks
+  `(s_k/s)·B_k[e]ᵀ`, `s = s_0` (alpha written so PEFT's scale is `s`), so every part's
+  `ΔW_k[e] = s_k·A_k[e]·B_k[e]` is exactly its rows of PEFT's.
+
+  Returns:
+    The PEFT parameter names written, for `target_parameters`.
+
+  Raises:
+    ValueError: naming the path, for a part whose siblings are not all adapted, or a kernel that
+      is not `(E, in, out)` with the experts as its one stack axis.
+  """
+  groups: dict[str, dict[int, str]] = collections.defaultdict(dict)
+  counts = {}
+  for path, (param, part, parts) in experts.items():
+    groups[param][part], counts[param] = path, parts
+  by_path = {site.path: site for site in plan.sites}
+  for param, parts in groups.items():
+    n = counts[param]
+    if set(parts) != set(range(n)):
+      want = key_map.from_experts(param) if key_map.from_experts else None
+      missing = [want[k] if want else f"part {k}" for k in range(n) if k not in parts]
+      raise ValueError(f"{next(iter(parts.values()))}: part of PEFT's fused parameter {param!r}, "
+                       f"which is one adapter; adapt its other kernels too: {missing}")
+  targeted = sorted(groups)
+  for param, parts in groups.items():
+    sites = [arrays[parts[k]] for k in range(len(parts))]
+    infos = [by_path[parts[k]] for k in range(len(parts))]
+    for site in infos:
+      _check_expert_layout(site, param)
+    scale = infos[0].scale
+    rank = sum(site.rank for site in infos)
+    experts_n, fan_in = infos[0].shape[0], infos[0].shape[1]
+    a = np.concatenate([np.asarray(x[1], np.float32) for x in sites], axis=-1)  # (E, in, r)
+    b = np.zeros((experts_n, rank, sum(site.shape[2] for site in infos)), np.float32)
+    r0 = o0 = 0
+    for site, (_, _, b_k) in zip(infos, sites):
+      b[:, r0:r0 + site.rank, o0:o0 + site.shape[2]] = np.asarray(b_k, np.float32) * (site.scale / scale)
+      r0, o0 = r0 + site.rank, o0 + site.shape[2]
+    module = _expert_module(param, key_map, targeted)
+    tensors[f"{PREFIX}{module}.lora_A.weight"] = a.transpose(0, 2, 1).reshape(experts_n * rank, fan_in)
+    tensors[f"{PREFIX}{module}.lora_B.weight"] = b.transpose(2, 1, 0).reshape(-1, rank * experts_n)
+    ranks[param] = rank
+    alphas[param] = _number(scale * (math.sqrt(rank) if plan.config.scaling == "rslora" else rank))
+  return targeted
+
+
+def _check_expert_layout(site: Site, param: str) -> None:
+  """Raise ValueError naming the path unless `site` is `(E, in, out)`, experts stacked."""
+  if site.layout != Layout((0,), (1,), (2,)):
+    raise ValueError(f"{site.path}: an expert kernel for PEFT's {param!r} must be (E, in, out) "
+                     f"with the experts as its stack axis (stack=(0) in=(1) out=(2)), but it is "
+                     f"{site.layout.describe(site.shape)}")
+
+
+def _import_experts(modules: dict[str, Any], config: Mapping[str, Any], key_map: KeyMap,
+                    leaves: Mapping[str, Any], where: str
+                    ) -> dict[str, tuple[str, tuple[int, int], int, float]]:
+  """Take PEFT's `target_parameters` wrappers that the key map places out of `modules` (in place).
+
+  A module `<m>(.base_layer)*` wraps the parameter of `<m>` that PEFT's nesting puts at that
+  depth (see `_expert_module`); the key map gives the kernels fused in it.
+
+  Returns:
+    `{path: (PEFT module, (offset, size) of its part along the out axis, rank, alpha)}`.
+
+  Raises:
+    ValueError: naming the key, for a kernel `base` lacks, or factors that do not fit the kernels
+      (`lora_A: (E·r, in)`, `lora_B: (Σ out_k, r·E)`), or a rank that `r`/`rank_pattern` does not
+      give.
+  """
+  targets = config["target_parameters"]
+  if key_map.from_experts is None or not targets:
+    return {}
+  out = {}
+  for module in list(modules):
+    plain, depth = module.replace(".base_layer", ""), module.count(".base_layer")
+    on_module = [n for n in key_map.expert_params
+                 if any(f"{plain}.{n}" == t or f"{plain}.{n}".endswith("." + t) for t in targets)]
+    if depth >= len(on_module):
+      continue
+    param = f"{plain}.{on_module[len(on_module) - 1 - depth]}"
+    paths = key_map.from_experts(param)
+    if paths is None:
+      continue
+    key = f"{PREFIX}{module}.lora_A.weight"
+    absent = [p for p in paths if p not in leaves]
+    if absent:
+      raise ValueError(f"lj.import_peft: {where}: tensor {key!r} (PEFT parameter {param!r}): the "
+                       f"key map maps it to {absent[0]!r}, which is not in `base`")
+    a, b = modules.pop(module)
+    shapes = [tuple(np.shape(leaves[p])) for p in paths]
+    experts_n, fan_in = shapes[0][0], shapes[0][1]
+    rank = a[0] // experts_n
+    if (any(len(x) != 3 for x in shapes) or a != (rank * experts_n, fan_in)
+        or b != (sum(x[2] for x in shapes), rank * experts_n)):
+      raise ValueError(f"lj.import_peft: {key}: lora_A {a} / lora_B {b} do not fit the expert "
+                       f"kernels {dict(zip(paths, shapes))} (PEFT's (E·r, in) / (out, r·E))")
+    want = _peft_lookup(config["rank_pattern"], config["r"], param)
+    if want != rank:
+      raise _config_error(where, "r / rank_pattern", f"gives PEFT parameter {param!r} r={want}, but "
+                          f"{key} has rank {rank} per expert (shape {a}, {experts_n} experts)")
+    alpha = _peft_lookup(config["alpha_pattern"], config["lora_alpha"], param)
+    offset = 0
+    for path, shape in zip(paths, shapes):
+      out[path] = (module, (offset, shape[2]), rank, alpha)
+      offset += shape[2]
+  return out
+
+
+def _expert_factors(experts: Mapping[str, tuple[str, tuple[int, int], int, float]], plan: Plan,
+                    tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`{path + LORA_A: A (E, in, r), path + LORA_B: B (E, r, out_k)}` for the expert kernels:
+  PEFT's `lora_A (E·r, in)` read as `(E, r, in)`, `lora_B (out, r·E)` as `(out, r, E)`, each part
+  taking its rows of `out` (fused parts share `A`)."""
+  sites = {s.path: s for s in plan.sites}
+  out = {}
+  for path, (module, (offset, size), rank, _) in experts.items():
+    experts_n = sites[path].shape[0]
+    a = tensors[f"{PREFIX}{module}.lora_A.weight"]
+    b = tensors[f"{PREFIX}{module}.lora_B.weight"]
+    out[path + LORA_A] = a.reshape(experts_n, rank, -1).transpose(0, 2, 1)
+    out[path + LORA_B] = b.reshape(-1, rank, experts_n).transpose(2, 1, 0)[:, :, offset:offset + size]
+  return out
