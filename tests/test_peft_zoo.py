@@ -69,8 +69,8 @@ def torch_peft():
 
 @pytest.fixture(scope="module")
 def model(torch_peft):
-  """`(make_hf, params, tokens)`: a fresh tied tiny HF Llama per call (same weights), and its
-  weights as the stacked JAX tree."""
+  """`(make_hf, params, tokens, logits)`: a fresh tied tiny HF Llama per call (same weights), its
+  weights as the stacked JAX tree, and the base logits."""
   torch, _, transformers = torch_peft
   config = transformers.LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F,
                                     num_hidden_layers=L, num_attention_heads=N,
@@ -100,8 +100,9 @@ def model(torch_peft):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, T)))
   with torch.no_grad():
     want = make_hf()(torch.from_numpy(np.array(tokens))).logits.numpy()
-  np.testing.assert_allclose(llama(params, tokens), want, rtol=1e-5, atol=1e-5)  # the forward is HF's
-  return make_hf, params, tokens
+  base = np.asarray(jax.jit(llama)(params, tokens))
+  np.testing.assert_allclose(base, want, rtol=1e-5, atol=1e-5)  # the forward is HF's
+  return make_hf, params, tokens, base
 
 
 def _logits(torch, module, tokens):
@@ -136,13 +137,13 @@ def _close(got, want):
 
 def test_tied_head_exports_as_peft_ensure_weight_tying(torch_peft, model, tmp_path):
   torch, peft, _ = torch_peft
-  make_hf, params, tokens = model
+  make_hf, params, tokens, base = model
   plan, tree, run = _lj(params, tokens, target_modules=["embed_tokens", "q_proj", "down_proj"])
   (emb,) = [s for s in plan.sites if "embed" in s.path]
   assert tuple(map(str, emb.use)) == ("gather", "dot_general")  # the lookup and the tied head
   tree = _random(tree, seed=2)
   want = run(tree)
-  assert not np.allclose(want, llama(params, tokens), atol=1e-2)
+  assert not np.allclose(want, base, atol=1e-2)
   lj.export_peft(tmp_path, plan, tree, key_map=KEY_MAP)
   config = json.loads((tmp_path / "adapter_config.json").read_text())
   assert config["ensure_weight_tying"] is True and "lm_head" not in config["target_modules"]
@@ -166,7 +167,7 @@ def test_tied_head_exports_as_peft_ensure_weight_tying(torch_peft, model, tmp_pa
 
 def test_peft_tied_head_adapter_imports(torch_peft, model, tmp_path):
   torch, peft, _ = torch_peft
-  make_hf, params, tokens = model
+  make_hf, params, tokens, base = model
   torch.manual_seed(1)
   config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["lm_head", "v_proj", "up_proj"],
                            ensure_weight_tying=True, init_lora_weights=False)
@@ -179,9 +180,9 @@ def test_peft_tied_head_adapter_imports(torch_peft, model, tmp_path):
   tree, plan = lj.import_peft(tmp_path, params, key_map=KEY_MAP, apply_fn=llama, args=(tokens,))
   assert {s.path for s in plan.sites} == {"model/embed_tokens/embedding", *(
       f"model/layers/{m}/kernel" for m in ("self_attn/v_proj", "mlp/up_proj"))}
-  got = np.asarray(lj.unmerged(llama, plan)(tree, tokens))
+  got = np.asarray(jax.jit(lj.unmerged(llama, plan))(tree, tokens))
   _close(got, _logits(torch, peft_model.eval(), tokens))
-  assert not np.allclose(got, llama(params, tokens), atol=1e-2)
+  assert not np.allclose(got, base, atol=1e-2)
   # PEFT without ensure_weight_tying adapts the head alone: no lora_jax equivalent, said so
   with pytest.warns(UserWarning, match="`ensure_weight_tying` is not set to True"):
     untied = peft.get_peft_model(make_hf(), peft.LoraConfig(r=2, target_modules=["lm_head"]))
@@ -194,7 +195,7 @@ def test_peft_tied_head_adapter_imports(torch_peft, model, tmp_path):
 
 def test_layers_to_transform_of_a_scanned_stack_exports_and_imports(torch_peft, model, tmp_path):
   torch, peft, _ = torch_peft
-  make_hf, params, tokens = model
+  make_hf, params, tokens, base = model
   plan, tree, run = _lj(params, tokens, target_modules=["q_proj", "gate_proj"], layers_to_transform=[1])
   q = tree["model"]["layers"]["self_attn"]["q_proj"]
   assert not np.any(q["kernel_lora_a"][0]) and np.all(q["kernel_lora_a"][1] != 0)  # attach: A = 0 off layer 1
@@ -269,9 +270,10 @@ def _maxtext_params(params):
 
 def test_maxtext_map_exports_to_peft_llama_and_back(torch_peft, model, tmp_path):
   torch, peft, _ = torch_peft
-  make_hf, params, tokens = model
+  make_hf, params, tokens, base = model
   mt = _maxtext_params(params)
-  _close(np.asarray(maxtext(mt, tokens)), np.asarray(llama(params, tokens)))
+  forward = jax.jit(maxtext)
+  _close(np.asarray(forward(mt, tokens)), base)
   key_map = lj.peft_key_map.maxtext()
   config = lj.LoraConfig(target_modules=["query", "value", "out", "wi_0", "wo"], rank=2, alpha=3.0,
                          layout_pattern=key_map.layout_pattern, scaling="rslora")
@@ -279,13 +281,13 @@ def test_maxtext_map_exports_to_peft_llama_and_back(torch_peft, model, tmp_path)
   layouts = {s.path.split("/")[-2]: s.layout.to_text() for s in plan.sites}
   assert layouts["out"] == "stack=(1) in=(0,2) out=(3)"
   tree = _random(lj.attach(plan, mt, jax.random.key(1)), seed=5)
-  want = np.asarray(lj.unmerged(maxtext, plan)(tree, tokens))
-  assert not np.allclose(want, llama(params, tokens), atol=1e-2)
+  want = np.asarray(jax.jit(lj.unmerged(maxtext, plan))(tree, tokens))
+  assert not np.allclose(want, base, atol=1e-2)
   lj.export_peft(tmp_path, plan, tree, key_map=key_map)
   peft_model = peft.PeftModel.from_pretrained(make_hf(), tmp_path)
   _close(_logits(torch, peft_model, tokens), want)
   _close(_logits(torch, peft_model.merge_and_unload(), tokens),
-         np.asarray(maxtext(lj.merge(plan, tree), tokens)))
+         np.asarray(forward(lj.merge(plan, tree), tokens)))
   got, _ = lj.import_peft(tmp_path, mt, key_map=key_map)  # the map's layouts: no apply_fn needed
   for a, b in zip(jax.tree_util.tree_leaves(lj.split(got)[0]), jax.tree_util.tree_leaves(lj.split(tree)[0])):
     np.testing.assert_array_equal(a, b)
@@ -363,8 +365,9 @@ def moe_block(params, x):
 
 @pytest.fixture(scope="module")
 def moe(torch_peft):
-  """`(make_hf, params, x)`: a tiny transformers Qwen3-MoE (per call, same weights) and its layer
-  0's MoE block weights in tunix's names and shapes (`gate_proj (E, D, F)`, `down_proj (E, F, D)`)."""
+  """`(make_hf, params, x, out)`: a tiny transformers Qwen3-MoE (per call, same weights), its layer
+  0's MoE block weights in tunix's names and shapes (`gate_proj (E, D, F)`, `down_proj (E, F, D)`),
+  an input and the block's base output."""
   torch, _, transformers = torch_peft
   config = transformers.Qwen3MoeConfig(vocab_size=V, hidden_size=D, intermediate_size=F,
                                        moe_intermediate_size=FE, num_hidden_layers=1,
@@ -387,8 +390,9 @@ def moe(torch_peft):
                                      "down_proj": sd["experts.down_proj"].transpose(0, 2, 1)}}}}
   params = jax.tree_util.tree_map(jnp.asarray, params)
   x = jnp.asarray(np.random.default_rng(3).standard_normal((2, T, D)), jnp.float32)
-  _close(np.asarray(moe_block(params, x)), _block(torch, make_hf(), x))  # the same block
-  return make_hf, params, x
+  base = np.asarray(jax.jit(moe_block)(params, x))
+  _close(base, _block(torch, make_hf(), x))  # the same block
+  return make_hf, params, x, base
 
 
 def _block(torch, model, x):
@@ -399,14 +403,14 @@ def _block(torch, model, x):
 
 def test_qwen3_moe_experts_export_to_peft_target_parameters(torch_peft, moe, tmp_path):
   torch, peft, _ = torch_peft
-  make_hf, params, x = moe
+  make_hf, params, x, base = moe
   key_map = lj.peft_key_map.tunix("qwen3_moe")
   config = lj.LoraConfig(targets=MOE_TARGETS, rank=2, alpha=3.0, layout_pattern=key_map.layout_pattern,
                          rank_pattern={".*up_proj": 3}, alpha_pattern={".*up_proj": 5.0})
   plan = lj.plan(config, params, moe_block, (x,))
   tree = _random(lj.attach(plan, params, jax.random.key(1)), seed=8)
-  want = np.asarray(lj.unmerged(moe_block, plan)(tree, x))
-  assert not np.allclose(want, moe_block(params, x), atol=1e-2)
+  want = np.asarray(jax.jit(lj.unmerged(moe_block, plan))(tree, x))
+  assert not np.allclose(want, base, atol=1e-2)
   lj.export_peft(tmp_path, plan, tree, key_map=key_map)
   written = json.loads((tmp_path / "adapter_config.json").read_text())
   assert written["target_parameters"] == [f"model.layers.0.mlp.experts.{p}"
@@ -427,7 +431,7 @@ def test_qwen3_moe_experts_export_to_peft_target_parameters(torch_peft, moe, tmp
   got, got_plan = lj.import_peft(tmp_path, params, key_map=key_map)
   assert {s.path.rpartition("/")[2]: s.rank for s in got_plan.sites} == {"gate_proj": 5, "up_proj": 5,
                                                                          "down_proj": 2}
-  _close(np.asarray(lj.unmerged(moe_block, got_plan)(got, x)), want)
+  _close(np.asarray(jax.jit(lj.unmerged(moe_block, got_plan))(got, x)), want)
   with pytest.raises(ValueError, match=r"up_proj: part of PEFT's fused parameter "
                      r"'model.layers.0.mlp.experts.gate_up_proj', .*\['layers/0/mlp/gate_proj'\]"):
     up_only = lj.plan(lj.LoraConfig(targets=r".*up_proj", layout_pattern=key_map.layout_pattern), params)
@@ -436,7 +440,7 @@ def test_qwen3_moe_experts_export_to_peft_target_parameters(torch_peft, moe, tmp
 
 def test_peft_target_parameters_adapter_imports_to_tunix_experts(torch_peft, moe, tmp_path):
   torch, peft, _ = torch_peft
-  make_hf, params, x = moe
+  make_hf, params, x, base = moe
   torch.manual_seed(3)
   config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=[], use_rslora=True,
                            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
@@ -447,6 +451,6 @@ def test_peft_target_parameters_adapter_imports_to_tunix_experts(torch_peft, moe
         p.normal_(0, 0.3)
   peft_model.save_pretrained(tmp_path)
   tree, plan = lj.import_peft(tmp_path, params, key_map=lj.peft_key_map.tunix("qwen3_moe"))
-  got = np.asarray(lj.unmerged(moe_block, plan)(tree, x))
+  got = np.asarray(jax.jit(lj.unmerged(moe_block, plan))(tree, x))
   _close(got, _block(torch, peft_model.base_model.model, x))
-  assert not np.allclose(got, moe_block(params, x), atol=1e-2)
+  assert not np.allclose(got, base, atol=1e-2)
