@@ -320,6 +320,10 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
       `lora_embedding_A/B` and `<tied_head>.lora_A.weight = B: (r, D)`, `.lora_B.weight = A:
       (V, r)` (the embedding's factors transposed), with the head left out of `target_modules`.
 
+  Expert kernels `(E, in, out)` that the key map places in fused PEFT parameters
+  (`key_map.experts`, e.g. `peft_key_map.tunix("qwen3_moe")`) are written as PEFT's
+  `target_parameters` (see `_export_experts`: one rank-`Σ r_k` adapter per fused parameter).
+
   With `plan.config.layers_to_transform`, only those layers of each stacked site are written,
   with PEFT's `layers_to_transform` and `layers_pattern` (the name segment before the layer
   index); the other layers' factors must be zero.
@@ -695,7 +699,9 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   `modules_to_save` (`<module>.weight` -> the key map's kernel, transposed back to `(in, out)` for a
   2-D `kernel`; `<module>.bias` -> its sibling `bias`) become `<leaf>_lora_full` copies, and a
   `save_embedding_layers` table (`<module>.base_layer.weight`) replaces the base table, as PEFT
-  loads it. Stack layers left out by `layers_to_transform` get zero factors (and the plan's
+  loads it. PEFT `target_parameters` wrappers (MoE experts) that the key map places
+  (`key_map.from_experts`) give each fused kernel PEFT's per-expert `A` and its rows of `B`
+  (see `_expert_factors`). Stack layers left out by `layers_to_transform` get zero factors (and the plan's
   config keeps `layers_to_transform`, so `lj.attach`-style training keeps them zero).
 
   Pass `apply_fn` and `args` (as for `lj.plan`) so each kernel's layout is read off its uses.
@@ -916,7 +922,10 @@ def _tied_head(modules: dict[str, Any], others: dict[str, str], header: Mapping[
     return None
   key = f"{PREFIX}{head}.lora_A.weight"
   embeddings = [m for m in modules if f"{PREFIX}{m}.lora_embedding_A" in header]
-  if not ensure_weight_tying or len(embeddings) != 1:
+  if ensure_weight_tying and len(embeddings) != 1:
+    raise ValueError(f"lj.import_peft: {where}: tensor {key!r}: a tied head (ensure_weight_tying) "
+                     f"needs exactly one adapted embedding to be tied to, found {embeddings}")
+  if not ensure_weight_tying:
     raise ValueError(
         f"lj.import_peft: {where}: tensor {key!r}: PEFT adapted the output head {head!r} on its own "
         f"(ensure_weight_tying is not true), and the key map names no kernel of `base` for it: the "
