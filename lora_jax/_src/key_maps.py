@@ -106,7 +106,7 @@ def templates(mapping: Mapping[str, str | Sequence[str]], *,
                          f"its fused axis as a stack axis (LoraConfig(layout_pattern=key_map."
                          f"layout_pattern)) so each module gets its own factors")
       rest = index[1:] if fused else index
-      name = names[index[0]] if fused else names[0]
+      name = names[index[0]] if fused and index[0] < len(names) else names[0]
       if fused and index[0] >= len(names) or _stack_slots(name) != len(rest):
         raise ValueError(f"{path}: layer index {index} does not fit the module template(s) "
                          f"{list(names)} of {template!r} (one '{{}}' per stack axis"
