@@ -380,7 +380,8 @@ def test_tunix_maps_name_every_kernel_and_refuse_unknown_models():
   assert qkv.from_peft("model.layers.1.self_attn.q_proj") == ("layers/1/attn/qkv_einsum/w", (0,))
   config = lj.LoraConfig(targets=".*", layout_pattern=qkv.layout_pattern)
   assert config.layout_for("layers/7/attn/qkv_einsum/w") == lj.Layout((0,), (2,), (1, 3))
-  with pytest.raises(ValueError, match=r"model must be one of \['gemma3', 'llama3', 'qwen3'\], got 'gpt2'"):
+  with pytest.raises(ValueError,
+                     match=r"model must be one of \['gemma3', 'llama3', 'qwen3', 'qwen3_moe'\], got 'gpt2'"):
     lj.peft_key_map.tunix("gpt2")
   with pytest.raises(ValueError, match="qkv_einsum is a Gemma 3 layout"):
     lj.peft_key_map.tunix("qwen3", qkv_einsum=True)

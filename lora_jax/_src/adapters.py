@@ -294,6 +294,14 @@ def attach(plan: Plan, variables: PyTree, key: jax.Array) -> PyTree:
     a_sharding, b_sharding = factor_shardings(s.layout, w)
     a = _creator(plan.config.init, s.a_shape, s.fan_in, dtype, a_sharding)(jax.random.fold_in(key, i))
     b = _creator("zeros", s.b_shape, 0, dtype, b_sharding)(key)
+    kept = plan.config.layers_to_transform
+    if kept and s.layout.stack_axes:  # A = B = 0 on the other layers: a fixed point of training
+      layers = s.shape[s.layout.stack_axes[0]]
+      if kept[-1] >= layers:
+        raise ValueError(f"lj.attach: {s.path}: LoraConfig.layers_to_transform {list(kept)} goes "
+                         f"past its stack of {layers} layers")
+      a = a * jnp.isin(jnp.arange(layers), jnp.asarray(kept)).astype(dtype).reshape(
+          (layers,) + (1,) * (a.ndim - 1))
     factors[s.path] = (s.layout, a, b)
   missing = [p for p in plan.saved if p not in leaves]
   if missing:

@@ -270,6 +270,11 @@ class LoraConfig:
       the function's use cannot decide, and how a fused kernel gets one adapter per projection:
       gemma's `kv_einsum (2, K, D, H)` with `stack=(0) in=(2) out=(1,3)` has separate `k` and `v`
       adapters, as PEFT's `k_proj` / `v_proj`.
+    layers_to_transform: PEFT's `layers_to_transform` for stacked kernels: indices along the first
+      stack axis (the layers of a scanned stack) that are adapted. `lj.attach` gives the other
+      layers `A = B = 0`, where training keeps them (both gradients, `xᵀ·g·Bᵀ` and `(x·A)ᵀ·g`,
+      vanish), and `lj.export_peft` writes only these layers with PEFT's `layers_to_transform` /
+      `layers_pattern`. Empty: every layer. Kernels without a stack axis are chosen by `targets`.
 
   Raises:
     TypeError: a field of the wrong type (a float or bool rank, a str or bool alpha, a
@@ -290,6 +295,7 @@ class LoraConfig:
   layout_pattern: Any = ()
   target_modules: tuple[str, ...] | str = ()
   modules_to_save: tuple[str, ...] = ()
+  layers_to_transform: tuple[int, ...] = ()
 
   def __post_init__(self):
     targets = _as_patterns(self.targets, "targets")
@@ -311,6 +317,12 @@ class LoraConfig:
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
     set_("dropout", dropout)
+    layers = self.layers_to_transform
+    if not isinstance(layers, (list, tuple)) or any(
+        isinstance(i, bool) or not isinstance(i, numbers.Integral) or i < 0 for i in layers):
+      raise TypeError(f"LoraConfig.layers_to_transform: expected a list of layer indices >= 0, got "
+                      f"{layers!r}")
+    set_("layers_to_transform", tuple(sorted({int(i) for i in layers})))
     _choice(self.scaling, "scaling", SCALINGS)
     _choice(self.init, "init", INITS)
 
@@ -359,7 +371,8 @@ class LoraConfig:
     d["targets"], d["exclude"] = list(self.targets), list(self.exclude)
     # the PEFT-vocabulary fields only when used, so records of configs without them stay as
     # they were written before these fields existed
-    for field in ("target_modules", "modules_to_save"):
+    d["layers_to_transform"] = list(self.layers_to_transform)
+    for field in ("target_modules", "modules_to_save", "layers_to_transform"):
       value = d.pop(field)
       if value:
         d[field] = value if isinstance(value, str) else list(value)

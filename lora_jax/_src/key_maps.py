@@ -51,7 +51,9 @@ def _stack_slots(template: str) -> int:
 
 def templates(mapping: Mapping[str, str | Sequence[str]], *,
               layout_pattern: Mapping[str, str] | None = None,
-              untransposed: Sequence[str] = ()) -> KeyMap:
+              untransposed: Sequence[str] = (),
+              experts: Mapping[str, tuple[str, int, int]] | None = None,
+              expert_params: Sequence[str] = ()) -> KeyMap:
   """A `KeyMap` from name templates.
 
   Args:
@@ -65,6 +67,12 @@ def templates(mapping: Mapping[str, str | Sequence[str]], *,
     untransposed: regexes (fullmatch) of 2-D leaves stored as torch stores them (an embedding
       table `(V, D)`); every other 2-D leaf is `(in, out)`, torch's weight transposed. Used for
       `modules_to_save` leaves.
+    experts: `{path template: (parameter template, part, parts)}`: MoE expert kernels
+      `(E, in, out)` that are part `part` of `parts` fused along the out axis of a PEFT
+      `target_parameters` tensor (`"layers/{i}/mlp/gate_proj": ("model.layers.{i}.mlp.experts.
+      gate_up_proj", 0, 2)`).
+    expert_params: the expert module's parameter names in torch's registration order
+      (`("gate_up_proj", "down_proj")`), which PEFT's wrapper nesting follows.
 
   Returns:
     The `KeyMap`.
@@ -122,9 +130,28 @@ def templates(mapping: Mapping[str, str | Sequence[str]], *,
   def transposed(path: str) -> bool:
     return not any(p.fullmatch(path) for p in keep)
 
+  expert_entries = [(_regex(p), param, part, parts) for p, (param, part, parts) in (experts or {}).items()]
+
+  def to_expert(path: str) -> tuple[str, int, int] | None:
+    for pattern, param, part, parts in expert_entries:
+      found = pattern.fullmatch(path)
+      if found:
+        return _fill(param, found.groupdict(), ()), part, parts
+    return None
+
+  def from_expert(param: str) -> list[str] | None:
+    paths: dict[int, str] = {}
+    for (template, _), (_, name, part, _) in zip((experts or {}).items(), expert_entries):
+      found = _regex(name).fullmatch(param)
+      if found:
+        paths[part] = _fill(template, found.groupdict(), ())
+    return [paths[k] for k in sorted(paths)] or None
+
   leaves = {p.rpartition("/")[2] for p in mapping}
   return KeyMap(to_peft, from_peft, leaves.pop() if len(leaves) == 1 else "kernel",
-                layout_pattern=dict(layout_pattern or {}), transposed=transposed)
+                layout_pattern=dict(layout_pattern or {}), transposed=transposed,
+                experts=to_expert if experts else None, from_experts=from_expert if experts else None,
+                expert_params=tuple(expert_params))
 
 
 _ATTN = "model.layers.{i}.self_attn."
@@ -143,6 +170,14 @@ _TUNIX = {
 _GEMMA3_QKV = {**{k: v for k, v in _TUNIX["gemma3"].items() if "_einsum" not in k or "vec" in k},
                "layers/{i}/attn/qkv_einsum/w": (_ATTN + "q_proj", _ATTN + "k_proj", _ATTN + "v_proj")}
 _TUNIX["qwen3"] = _TUNIX["llama3"]  # the dense Qwen 3: Llama 3's names (q_norm/k_norm are not kernels)
+# Qwen 3 MoE: Qwen 3's attention; the experts are fused tensors in transformers 5.x
+# (`Qwen3MoeExperts`: gate_up_proj (E, 2F, D), down_proj (E, D, F)), adapted by PEFT's
+# `target_parameters`; the router (`mlp.gate`, a `Qwen3MoeTopKRouter`) is no module PEFT adapts
+_TUNIX["qwen3_moe"] = {k: v for k, v in _TUNIX["llama3"].items() if "/mlp/" not in k}
+_EXPERTS = "model.layers.{i}.mlp.experts."
+_QWEN3_MOE_EXPERTS = {"layers/{i}/mlp/gate_proj": (_EXPERTS + "gate_up_proj", 0, 2),
+                      "layers/{i}/mlp/up_proj": (_EXPERTS + "gate_up_proj", 1, 2),
+                      "layers/{i}/mlp/down_proj": (_EXPERTS + "down_proj", 0, 1)}
 # kv_einsum (2, K, D, H): 'BSD,CKDH->CBSKH'; qkv_einsum (3, N, D, H): 'BTD,SNDH->SBTNH'
 _FUSED = {r"layers/\d+/attn/(kv|qkv)_einsum/w": "stack=(0) in=(2) out=(1,3)"}
 
@@ -170,7 +205,11 @@ def tunix(model: str, *, qkv_einsum: bool = False) -> KeyMap:
   stack axis: plan with `LoraConfig(..., layout_pattern=key_map.layout_pattern)`.
 
   Args:
-    model: `"llama3"`, `"qwen3"` (dense) or `"gemma3"` (text).
+    model: `"llama3"`, `"qwen3"` (dense), `"qwen3_moe"` or `"gemma3"` (text). Qwen 3 MoE's expert
+      kernels `layers/{i}/mlp/{gate,up}_proj (E, D, F)` are the two halves of transformers'
+      `model.layers.{i}.mlp.experts.gate_up_proj (E, 2F, D)` and `down_proj (E, F, D)` its
+      `experts.down_proj (E, D, F)`: PEFT `target_parameters`, one rank-`r` pair per expert (gate
+      and up export as one adapter of rank `r_gate + r_up`; see `peft.py`).
     qkv_einsum: Gemma 3 with as many KV heads as query heads, whose attention has one fused
       `qkv_einsum` instead of `q_einsum` and `kv_einsum` (tunix picks it by the head counts).
 
@@ -185,9 +224,110 @@ def tunix(model: str, *, qkv_einsum: bool = False) -> KeyMap:
   if qkv_einsum and model != "gemma3":
     raise ValueError(f"peft_key_map.tunix: qkv_einsum is a Gemma 3 layout, not {model!r}'s")
   names = _GEMMA3_QKV if qkv_einsum else _TUNIX[model]
-  return templates(names, layout_pattern=_FUSED if model == "gemma3" else None,
-                   untransposed=(r"embedder/input_embedding",))
+  layouts = {"gemma3": _FUSED,
+             "qwen3_moe": {r"layers/\d+/mlp/(gate|up|down)_proj": "stack=(0) in=(1) out=(2)"}}
+  moe = model == "qwen3_moe"
+  return templates(names, layout_pattern=layouts.get(model), untransposed=(r"embedder/input_embedding",),
+                   experts=_QWEN3_MOE_EXPERTS if moe else None,
+                   expert_params=("gate_up_proj", "down_proj") if moe else ())
 
 
 peft_key_map.templates = templates
 peft_key_map.tunix = tunix
+
+
+_MAXTEXT = {"self_attention/query": "self_attn.q_proj", "self_attention/key": "self_attn.k_proj",
+            "self_attention/value": "self_attn.v_proj", "self_attention/out": "self_attn.o_proj",
+            "mlp/wi_0": "mlp.gate_proj", "mlp/wi_1": "mlp.up_proj", "mlp/wo": "mlp.down_proj"}
+
+
+def maxtext(*, scanned: bool = True, prefix: str = "params") -> KeyMap:
+  """MaxText decoder (Llama-style `decoders.py`) params <-> Hugging Face Llama module names.
+
+  | MaxText path (`scan_layers=True`, layer axis 1)     | transformers module                   |
+  |-----------------------------------------------------|---------------------------------------|
+  | `decoder/layers/self_attention/query/kernel (D, L, N, H)`, `key`, `value` | `...q_proj`, ... |
+  | `decoder/layers/self_attention/out/kernel (N, L, H, D)` | `model.layers.{l}.self_attn.o_proj` |
+  | `decoder/layers/mlp/wi_0/kernel (D, L, F)`, `wi_1`  | `model.layers.{l}.mlp.gate_proj`, `up_proj`|
+  | `decoder/layers/mlp/wo/kernel (F, L, D)`            | `model.layers.{l}.mlp.down_proj`      |
+  | `token_embedder/embedding (V, D)`                   | `model.embed_tokens`                  |
+  | `decoder/logits_dense/kernel (D, V)`                | `lm_head`                             |
+
+  With `scan_layers=False` the layers are `decoder/layers_{l}/...` without the layer axis. A
+  scanned kernel's layer axis 1 is a stack axis; the map's `layout_pattern` states every layout
+  (plan with `LoraConfig(..., layout_pattern=key_map.layout_pattern)`), so the layer index is
+  PEFT's `model.layers.{l}` and the in/out axes flatten in C order (`(D, N, H)` is
+  `Linear(D, N·H)`). Logits through the embedding (`logits_via_embedding=True`) are a tied head.
+
+  Args:
+    scanned: MaxText's `scan_layers`.
+    prefix: the variables' collection (`"params"`; `""` for a bare params tree).
+
+  Returns:
+    The `KeyMap`, with `layout_pattern` set.
+  """
+  head = f"{prefix}/" if prefix else ""
+  layers = "decoder/layers" if scanned else "decoder/layers_{l}"
+  index = "{}" if scanned else "{l}"
+  mapping = {f"{head}{layers}/{p}/kernel": f"model.layers.{index}.{m}" for p, m in _MAXTEXT.items()}
+  mapping[f"{head}token_embedder/embedding"] = "model.embed_tokens"
+  mapping[f"{head}decoder/logits_dense/kernel"] = "lm_head"
+  layer_re = re.escape(head) + (r"decoder/layers" if scanned else r"decoder/layers_\d+")
+  if scanned:
+    layouts = {rf"{layer_re}/self_attention/(query|key|value)/kernel": "stack=(1) in=(0) out=(2,3)",
+               rf"{layer_re}/self_attention/out/kernel": "stack=(1) in=(0,2) out=(3)",
+               rf"{layer_re}/mlp/(wi_0|wi_1|wo)/kernel": "stack=(1) in=(0) out=(2)"}
+  else:
+    layouts = {rf"{layer_re}/self_attention/(query|key|value)/kernel": "in=(0) out=(1,2)",
+               rf"{layer_re}/self_attention/out/kernel": "in=(0,1) out=(2)",
+               rf"{layer_re}/mlp/(wi_0|wi_1|wo)/kernel": "in=(0) out=(1)"}
+  return templates(mapping, layout_pattern=layouts,
+                   untransposed=(rf"{re.escape(head)}token_embedder/embedding",))
+
+
+def gemma(*, prefix: str = "transformer") -> KeyMap:
+  """DeepMind `gemma` (linen) params <-> Hugging Face Gemma module names, per layer `i`:
+
+  | gemma path                               | transformers module                        |
+  |------------------------------------------|--------------------------------------------|
+  | `layer_{i}/attn/q_einsum/w (N, D, H)`    | `model.layers.{i}.self_attn.q_proj`        |
+  | `layer_{i}/attn/kv_einsum/w (2, K, D, H)`| `...self_attn.k_proj`, `...self_attn.v_proj` |
+  | `layer_{i}/attn/qkv_einsum/w (3, N, D, H)`| `...q_proj`, `...k_proj`, `...v_proj`     |
+  | `layer_{i}/attn/attn_vec_einsum/w (N, H, D)` | `...self_attn.o_proj`                  |
+  | `layer_{i}/mlp/gating_einsum (2, F, D)`  | `model.layers.{i}.mlp.gate_proj`, `up_proj` |
+  | `layer_{i}/mlp/linear (F, D)`            | `model.layers.{i}.mlp.down_proj`           |
+  | `embedder/input_embedding (V, D)`        | `model.embed_tokens` (the tied head too)   |
+
+  The fused kernels are one PEFT module per projection: their fused axis is a stack axis, as the
+  map's `layout_pattern` says (`kv_einsum`: `stack=(0) in=(2) out=(1,3)`; `gating_einsum`, used as
+  `'btd,cfd->cbtf'`: `stack=(0) in=(2) out=(1)`); plan with
+  `LoraConfig(..., layout_pattern=key_map.layout_pattern)`.
+
+  Args:
+    prefix: the path above the layers (`"transformer"` in gemma's checkpoints, `"params"` for
+      `model.init`'s variables, `""` for none).
+
+  Returns:
+    The `KeyMap`, with `layout_pattern` set.
+  """
+  head = f"{prefix}/" if prefix else ""
+  attn, mlp = f"{head}layer_{{i}}/attn/", f"{head}layer_{{i}}/mlp/"
+  mapping = {attn + "q_einsum/w": _ATTN + "q_proj",
+             attn + "kv_einsum/w": (_ATTN + "k_proj", _ATTN + "v_proj"),
+             attn + "qkv_einsum/w": (_ATTN + "q_proj", _ATTN + "k_proj", _ATTN + "v_proj"),
+             attn + "attn_vec_einsum/w": _ATTN + "o_proj",
+             mlp + "gating_einsum": ("model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"),
+             mlp + "linear": "model.layers.{i}.mlp.down_proj",
+             f"{head}embedder/input_embedding": "model.embed_tokens"}
+  layer = re.escape(head) + r"layer_\d+/"
+  layouts = {rf"{layer}attn/(kv|qkv)_einsum/w": "stack=(0) in=(2) out=(1,3)",
+             rf"{layer}attn/q_einsum/w": "in=(1) out=(0,2)",
+             rf"{layer}attn/attn_vec_einsum/w": "in=(0,1) out=(2)",
+             rf"{layer}mlp/gating_einsum": "stack=(0) in=(2) out=(1)",
+             rf"{layer}mlp/linear": "in=(0) out=(1)"}
+  return templates(mapping, layout_pattern=layouts,
+                   untransposed=(rf"{re.escape(head)}embedder/input_embedding",))
+
+
+peft_key_map.maxtext = maxtext
+peft_key_map.gemma = gemma

@@ -41,6 +41,7 @@ import safetensors.numpy
 
 from .adapters import LORA_A, LORA_B, put_factors, saved_arrays, site_arrays
 from .config import LoraConfig, module_of
+from .layout import Layout
 from .plan import plan as make_plan
 from .sites import Plan, Site
 from .tree import flatten, map_leaves, unbox, with_value
@@ -70,6 +71,15 @@ class KeyMap:
   layout_pattern: Mapping[str, str] = dataclasses.field(default_factory=dict)
   # whether a 2-D leaf is torch's weight transposed ((in, out)); default: leaves named `kernel`
   transposed: Callable[[str], bool] | None = None
+  # PEFT `target_parameters` (fused MoE expert tensors): `experts(path)` is `(parameter, part,
+  # parts)` for a kernel that is part `part` of `parts` concatenated along the parameter's out
+  # axis (tunix `gate_proj` is part 0 of 2 of transformers' `experts.gate_up_proj`), else None;
+  # `from_experts(parameter)` the kernels' paths by part, or None; `expert_params` the expert
+  # module's parameter names in torch's registration order (PEFT nests one wrapper per
+  # parameter in that order: all but the last targeted one sit under `.base_layer`s).
+  experts: Callable[[str], tuple[str, int, int] | None] | None = None
+  from_experts: Callable[[str], list[str] | None] | None = None
+  expert_params: tuple[str, ...] = ()
 
   def is_transposed(self, path: str) -> bool:
     """Whether the 2-D leaf at `path` is stored `(in, out)`, torch's `(out, in)` transposed."""
@@ -211,18 +221,27 @@ def _is_embedding(site: Site) -> bool:
   return any(u.primitive == "gather" for u in site.use)
 
 
-def _check_exportable(site: Site) -> None:
-  conv_like = not site.use and len(site.layout.in_axes) > 1 and len(site.shape) > 2
+def _is_tied(site: Site) -> bool:
+  """A 2-D table used by lookups and as a dense output head (`attend`, `x @ E.T`): one kernel whose
+  update reaches both uses, PEFT's `Embedding` + output head under `ensure_weight_tying=True`."""
+  return (_is_embedding(site) and len(site.shape) == 2
+          and all(u.primitive in ("gather", "dot_general") for u in site.use)
+          and any(u.primitive == "dot_general" for u in site.use))
+
+
+def _check_exportable(site: Site, stated: bool) -> None:
+  # without uses, several in axes read as a conv window, unless the config states the layout
+  conv_like = not site.use and not stated and len(site.layout.in_axes) > 1 and len(site.shape) > 2
   if "conv_general_dilated" in site.use or conv_like:
     raise NotImplementedError(f"{site.path}: only kernels used as dense layers (PEFT `Linear`) or "
                               f"embedding lookups (`Embedding`) can be exported to PEFT; this one "
                               f"is used as {site.use or ('a conv',)}")
-  if _is_embedding(site) and (len(site.shape) != 2 or any(u.primitive != "gather" for u in site.use)):
+  if _is_embedding(site) and not _is_tied(site) and (
+      len(site.shape) != 2 or any(u.primitive != "gather" for u in site.use)):
     raise NotImplementedError(
         f"{site.path}: an embedding of shape {site.shape} used as {[str(u) for u in site.use]}: "
-        "PEFT's `Embedding` LoRA changes the lookup only, so a 2-D table used only by lookups "
-        "exports; a tied output head (the same table in a dot_general) would get the update in "
-        "JAX but not in PEFT")
+        "PEFT's `Embedding` LoRA changes the lookup only, so a 2-D table used by lookups (and "
+        "optionally as a tied output head, x @ E.T) exports; this use has no PEFT equivalent")
 
 
 def _saved_names(key_map: KeyMap, path: str, leaf: Any) -> tuple[str, np.ndarray]:
@@ -268,7 +287,8 @@ def _save_weights(path: str, tensors: Mapping[str, np.ndarray]) -> None:
 def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
                 key_map: KeyMap | Mapping[str, str] | None = None,
                 base_model_name_or_path: str | None = None, fan_in_fan_out: bool = False,
-                save_embedding_layers: bool | str = "auto", task_type: str | None = None) -> None:
+                save_embedding_layers: bool | str = "auto", task_type: str | None = None,
+                tied_head: str = "lm_head") -> None:
   """Write the adapter in `tree` as a PEFT LoRA adapter: `directory/adapter_model.safetensors`
   and `directory/adapter_config.json` (loadable with `peft.PeftModel.from_pretrained`).
 
@@ -294,42 +314,73 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
       `<module>.base_layer.weight`; `"auto"` (PEFT's default) means True when an embedding is
       adapted.
     task_type: PEFT's `task_type` (`"SEQ_CLS"`, `"CAUSAL_LM"`, ...), written into the config.
+    tied_head: PEFT's module name of the output head tied to an adapted embedding table. A table
+      `(V, D)` used by lookups and as the head (`attend`, `h @ E.T`) has one adapter, which
+      reaches both uses; it is written as PEFT writes `ensure_weight_tying=True`: the embedding's
+      `lora_embedding_A/B` and `<tied_head>.lora_A.weight = B: (r, D)`, `.lora_B.weight = A:
+      (V, r)` (the embedding's factors transposed), with the head left out of `target_modules`.
+
+  Expert kernels `(E, in, out)` that the key map places in fused PEFT parameters
+  (`key_map.experts`, e.g. `peft_key_map.tunix("qwen3_moe")`) are written as PEFT's
+  `target_parameters` (see `_export_experts`: one rank-`Σ r_k` adapter per fused parameter).
+
+  With `plan.config.layers_to_transform`, only those layers of each stacked site are written,
+  with PEFT's `layers_to_transform` and `layers_pattern` (the name segment before the layer
+  index); the other layers' factors must be zero.
 
   Returns:
     None.
 
   Raises:
     ValueError: naming the path, for a site the key map cannot name (or two sites with one
-      name), before writing anything.
-    NotImplementedError: a site used other than as a dense layer or an embedding lookup, or a
-      tied embedding (also used as the output head).
+      name), a layer left out by `layers_to_transform` with nonzero factors, or a module that
+      PEFT's `layers_to_transform` would leave out (one outside the layer stack), before writing
+      anything.
+    NotImplementedError: a site used other than as a dense layer, an embedding lookup or a tied
+      output head.
   """
   key_map = _as_key_map(key_map if key_map is not None else linen())
   if save_embedding_layers not in (True, False, "auto"):
     raise ValueError(f"export_peft: save_embedding_layers must be True, False or 'auto', got "
                      f"{save_embedding_layers!r}")
   arrays = site_arrays(plan, tree)
-  tensors, ranks, alphas, owner = {}, {}, {}, {}
+  tensors, ranks, alphas, owner, heads = {}, {}, {}, {}, set()
   embeddings = [s for s in plan.sites if _is_embedding(s)]
   save_embeddings = bool(embeddings) if save_embedding_layers == "auto" else save_embedding_layers
+  experts = _expert_sites(plan, key_map)
   for site in plan.sites:
-    _check_exportable(site)
+    if site.path in experts:
+      continue
+    _check_exportable(site, plan.config.layout_for(site.path) is not None)
     w, a, b = (np.asarray(x) for x in arrays[site.path])
     names = ("lora_embedding_A", "lora_embedding_B") if site in embeddings else ("lora_A.weight",
                                                                                 "lora_B.weight")
+    kept = plan.config.layers_to_transform
     for index in _layers(site):
+      if kept and index and index[0] not in kept:
+        if np.any(a[index]) or np.any(b[index]):
+          raise ValueError(f"{site.path}: layer {index} is outside LoraConfig.layers_to_transform "
+                           f"{list(kept)} but its factors are not zero; PEFT would drop them")
+        continue
       module = key_map.to_peft(site.path, index)
       if module is None:
         raise ValueError(f"{site.path}: the key map gives no PEFT module name for this kernel"
                          + (f" (layer {index})" if index else ""))
-      if module in owner:
-        raise ValueError(f"{site.path} and {owner[module]}: both map to PEFT module {module!r}")
-      owner[module] = site.path
+      modules = [module, tied_head] if _is_tied(site) else [module]
+      for m in modules:
+        if m in owner:
+          raise ValueError(f"{site.path} and {owner[m]}: both map to PEFT module {m!r}")
+        owner[m] = site.path
+        ranks[m], alphas[m] = site.rank, _number(site.alpha)
+        if save_embeddings and site in embeddings:
+          tensors[f"{PREFIX}{m}{_BASE_LAYER}"] = w
       tensors[f"{PREFIX}{module}.{names[0]}"] = a[index].reshape(site.fan_in, site.rank).T
       tensors[f"{PREFIX}{module}.{names[1]}"] = b[index].reshape(site.rank, site.fan_out).T
-      if save_embeddings and site in embeddings:
-        tensors[f"{PREFIX}{module}{_BASE_LAYER}"] = w
-      ranks[module], alphas[module] = site.rank, _number(site.alpha)
+      if _is_tied(site):  # PEFT's tied head: lora_A = lora_embedding_B.T, lora_B = lora_embedding_A.T
+        tensors[f"{PREFIX}{tied_head}.lora_A.weight"] = b.reshape(site.rank, site.fan_out)
+        tensors[f"{PREFIX}{tied_head}.lora_B.weight"] = a.reshape(site.fan_in, site.rank)
+        heads.add(tied_head)
+  target_parameters = _export_experts(experts, plan, arrays, key_map, tensors, ranks, alphas)
   saved_modules = set()
   for path, leaf in saved_arrays(plan, tree).items():
     name, value = _saved_names(key_map, path, leaf)
@@ -340,18 +391,44 @@ def export_peft(directory: str | os.PathLike, plan: Plan, tree: Any, *,
   init = {"kaiming_uniform": True, "gaussian": "gaussian"}[plan.config.init]
   config = {"peft_type": "LORA", "task_type": task_type,
             "base_model_name_or_path": base_model_name_or_path,
-            "r": r, "lora_alpha": alpha, "target_modules": sorted(owner),
+            "r": r, "lora_alpha": alpha, "target_modules": sorted(set(owner) - heads),
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
             "use_rslora": plan.config.scaling == "rslora", "lora_dropout": plan.config.dropout,
             "bias": "none", "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": init,
             "use_dora": False, "modules_to_save": sorted(saved_modules) or None,
-            "layers_to_transform": None, "layers_pattern": None, "inference_mode": True}
+            "ensure_weight_tying": bool(heads), **_layers_config(plan, owner),
+            "target_parameters": target_parameters or None,
+            "inference_mode": True}
   os.makedirs(directory, exist_ok=True)
   _save_weights(os.path.join(directory, WEIGHTS_NAME), tensors)
   tmp = os.path.join(directory, f".tmp-{CONFIG_NAME}")
   with open(tmp, "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   os.replace(tmp, os.path.join(directory, CONFIG_NAME))
+
+
+def _layers_config(plan: Plan, owner: Mapping[str, str]) -> dict[str, Any]:
+  """PEFT's `layers_to_transform` and `layers_pattern` for `plan.config.layers_to_transform`: the
+  pattern is the module-name segment before each module's layer index (`layers` in
+  `model.layers.3.mlp.up_proj`), which PEFT reads back with `.*\\.{pattern}\\.(\\d+)\\.`.
+
+  Raises:
+    ValueError: naming the path, for a module with no layer index in `layers_to_transform`, which
+      PEFT would leave out (an embedding, an output head).
+  """
+  kept = plan.config.layers_to_transform
+  if not kept:
+    return {"layers_to_transform": None, "layers_pattern": None}
+  patterns = set()
+  for module, path in owner.items():
+    found = re.fullmatch(r".*?(?:^|\.)([^.]+)\.(\d+)\..*", module)
+    if found is None or int(found[2]) not in kept:
+      raise ValueError(f"{path}: exported as PEFT module {module!r}, which PEFT's "
+                       f"layers_to_transform {list(kept)} would leave out (no layer index in it, or "
+                       f"another one); adapt it in a separate adapter, or drop layers_to_transform")
+    patterns.add(found[1])
+  return {"layers_to_transform": list(kept),
+          "layers_pattern": patterns.pop() if len(patterns) == 1 else sorted(patterns)}
 
 
 def _bin_refusal(directory: str | os.PathLike, weights: str, pickle_path: str) -> FileNotFoundError:
@@ -452,7 +529,9 @@ def _read_config(path: str) -> dict[str, Any]:
           "use_rslora": rslora, "lora_dropout": float(dropout),
           "init": "gaussian" if init == "gaussian" else "kaiming_uniform",
           "modules_to_save": _config_names(path, "modules_to_save", config.get("modules_to_save")),
-          "layers_to_transform": _config_layers(path, config.get("layers_to_transform"))}
+          "layers_to_transform": _config_layers(path, config.get("layers_to_transform")),
+          "ensure_weight_tying": config.get("ensure_weight_tying") is True,
+          "target_parameters": _config_names(path, "target_parameters", config.get("target_parameters"))}
 
 
 def _config_names(path: str, field: str, value: Any) -> list[str]:
@@ -607,7 +686,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
                 key_map: KeyMap | Mapping[str, str] | None = None,
                 apply_fn: Callable | None = None, args: Sequence[Any] = (),
                 kwargs: dict[str, Any] | None = None,
-                layout_pattern: Mapping[str, str] | None = None) -> tuple[Any, Plan]:
+                layout_pattern: Mapping[str, str] | None = None,
+                tied_head: str = "lm_head") -> tuple[Any, Plan]:
   """Read a PEFT LoRA adapter and attach it to `base`: returns `(tree, plan)`.
 
   Every PEFT module `m` is mapped by `key_map.from_peft(m)` (default `peft_key_map.linen()`)
@@ -619,7 +699,10 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   `modules_to_save` (`<module>.weight` -> the key map's kernel, transposed back to `(in, out)` for a
   2-D `kernel`; `<module>.bias` -> its sibling `bias`) become `<leaf>_lora_full` copies, and a
   `save_embedding_layers` table (`<module>.base_layer.weight`) replaces the base table, as PEFT
-  loads it. Stack layers left out by `layers_to_transform` get zero factors.
+  loads it. PEFT `target_parameters` wrappers (MoE experts) that the key map places
+  (`key_map.from_experts`) give each fused kernel PEFT's per-expert `A` and its rows of `B`
+  (see `_expert_factors`). Stack layers left out by `layers_to_transform` get zero factors (and the plan's
+  config keeps `layers_to_transform`, so `lj.attach`-style training keeps them zero).
 
   Pass `apply_fn` and `args` (as for `lj.plan`) so each kernel's layout is read off its uses.
   They are needed for multi-axis kernels and stacks, and for any 2-D kernel whose orientation
@@ -638,6 +721,10 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
       (a fused `kv_einsum (2, K, D, H)` as `stack=(0) in=(2) out=(1,3)` takes PEFT's `k_proj` and
       `v_proj` as its two stack entries), and state a 2-D kernel's orientation outright. The
       key map's own `layout_pattern` (a ready map's fused kernels) applies after these.
+    tied_head: PEFT's name of an output head tied to the embedding. When the adapter has factors
+      for it and the key map names no kernel of `base` for it (the head is the table), they must
+      be the embedding's transposed (PEFT's `ensure_weight_tying=True`) and the table's one
+      adapter carries both; a head adapted on its own is refused.
 
   Returns:
     `(tree, plan)`: `base` with the factors attached, and the plan.
@@ -658,6 +745,9 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   header = _header(weights_path)
   modules, others = _modules(header, weights_path, config["modules_to_save"])
   leaves = {p: unbox(x) for p, x in flatten(base).items()}
+  experts = _import_experts(modules, config, key_map, leaves, weights_path)
+  tied = _tied_head(modules, others, header, config["ensure_weight_tying"], key_map, leaves, tied_head,
+                    weights_path)
   saved = _saved_paths(others, key_map, leaves, weights_path)
   by_path: dict[str, dict[Index, str]] = collections.defaultdict(dict)
   for module in modules:
@@ -687,7 +777,9 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   alphas = per_path(lambda m: _peft_lookup(config["alpha_pattern"], config["lora_alpha"], m),
                     "alphas")
   r, alpha = config["r"], config["lora_alpha"]
-  exact = {p: re.escape(p) for p in by_path}
+  for path, (_, _, rank, alpha_) in experts.items():
+    ranks[path], alphas[path] = rank, alpha_
+  exact = {p: re.escape(p) for p in [*by_path, *experts]}
   lora_config = LoraConfig(
       targets=tuple(exact.values()), rank=r, alpha=alpha,
       rank_pattern={exact[p]: v for p, v in ranks.items() if v != r},
@@ -695,7 +787,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
       dropout=config["lora_dropout"], scaling="rslora" if config["use_rslora"] else "standard",
       init=config["init"],
       layout_pattern=[*(layout_pattern or {}).items(), *key_map.layout_pattern.items()],
-      modules_to_save=tuple(sorted({module_of(p) for p in saved.values()})))
+      modules_to_save=tuple(sorted({module_of(p) for p in saved.values()})),
+      layers_to_transform=tuple(config["layers_to_transform"] or ()))
   plan = make_plan(lora_config, base, apply_fn, args, kwargs)
   unsaved = sorted(set(plan.saved) - set(saved.values()))
   if unsaved:
@@ -704,6 +797,9 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   kept = config["layers_to_transform"]  # PEFT's layer index is the first stack index
 
   for site in plan.sites:
+    if site.path in experts:
+      _check_expert_layout(site, experts[site.path][0])
+      continue
     layers = by_path[site.path]
     missing = [i for i in _layers(site) if i not in layers and (kept is None or i[0] in kept)]
     extra = sorted(set(layers) - set(_layers(site)))
@@ -727,8 +823,12 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
                          f"({site.layout.describe(site.shape)}), which needs {want_a} / {want_b}")
 
   tensors = _load(weights_path, header)
-  loaded = {}
+  if tied is not None:
+    _check_tied(tensors, *tied)
+  loaded = _expert_factors(experts, plan, tensors)
   for site in plan.sites:
+    if site.path in experts:
+      continue
     layers = by_path[site.path]
     a_layers, b_layers = [], []
     for index in _layers(site):
@@ -795,4 +895,209 @@ def _saved_paths(others: Mapping[str, str], key_map: KeyMap, leaves: Mapping[str
       raise ValueError(f"lj.import_peft: {where}: tensor {key!r} (modules_to_save) maps to "
                        f"{path!r}, which is not in `base`")
     out[key] = path
+  return out
+
+
+def _tied_head(modules: dict[str, Any], others: dict[str, str], header: Mapping[str, Any],
+               ensure_weight_tying: bool,
+               key_map: KeyMap, leaves: Mapping[str, Any], head: str, where: str
+               ) -> tuple[str, str] | None:
+  """Take PEFT's tied output head out of `modules` / `others` (in place): `(head, embedding
+  module)` when `head` has LoRA factors but the key map names no kernel of `base` for it (the
+  head is the embedding table, as in tunix/gemma `attend` or a tied GPT-2/Llama lm_head); None
+  when there is no such head or `base` has its own head kernel.
+
+  Under `ensure_weight_tying=True` PEFT gives the head the embedding's factors (`lora_A =
+  lora_embedding_B.T`, `lora_B = lora_embedding_A.T`), so the table's one lora_jax adapter is
+  both; `_check_tied` checks the values once the tensors are read.
+
+  Raises:
+    ValueError: naming the key, for a head adapted on its own (`ensure_weight_tying` false): its
+      update reaches the head only, while the tied table's reaches the lookup too.
+  """
+  if head not in modules:
+    return None
+  found = key_map.from_peft(head)
+  if found is not None and found[0] in leaves:
+    return None
+  key = f"{PREFIX}{head}.lora_A.weight"
+  embeddings = [m for m in modules if f"{PREFIX}{m}.lora_embedding_A" in header]
+  if ensure_weight_tying and len(embeddings) != 1:
+    raise ValueError(f"lj.import_peft: {where}: tensor {key!r}: a tied head (ensure_weight_tying) "
+                     f"needs exactly one adapted embedding to be tied to, found {embeddings}")
+  if not ensure_weight_tying:
+    raise ValueError(
+        f"lj.import_peft: {where}: tensor {key!r}: PEFT adapted the output head {head!r} on its own "
+        f"(ensure_weight_tying is not true), and the key map names no kernel of `base` for it: the "
+        f"head is the tied embedding table, whose one lora_jax adapter changes the lookup as well, "
+        f"which PEFT's does not. Train the adapter in PEFT with ensure_weight_tying=True, or give "
+        f"`base` an untied head kernel and name it {head!r} in the key map")
+  del modules[head]
+  others.pop(f"{PREFIX}{head}{_BASE_LAYER}", None)
+  return head, embeddings[0]
+
+
+def _check_tied(tensors: Mapping[str, np.ndarray], head: str, embedding: str) -> None:
+  """Check that PEFT's tied head holds its embedding's factors, transposed.
+
+  Raises:
+    ValueError: naming both keys, when they differ.
+  """
+  emb = f"{PREFIX}{embedding}.lora_embedding_"
+  pairs = [(f"{PREFIX}{head}.lora_A.weight", emb + "B"), (f"{PREFIX}{head}.lora_B.weight", emb + "A")]
+  for head_key, emb_key in pairs:
+    if not np.array_equal(tensors[head_key], tensors[emb_key].T):
+      raise ValueError(f"lj.import_peft: {head_key} is not {emb_key} transposed, as weight tying "
+                       f"(ensure_weight_tying) makes it; the tied table has one adapter")
+
+
+def _expert_sites(plan: Plan, key_map: KeyMap) -> dict[str, tuple[str, int, int]]:
+  """`{path: (PEFT parameter, part, parts)}` for the sites the key map puts in fused expert
+  tensors (PEFT's `target_parameters`)."""
+  if key_map.experts is None:
+    return {}
+  found = {s.path: key_map.experts(s.path) for s in plan.sites}
+  return {p: e for p, e in found.items() if e is not None}
+
+
+def _expert_module(param: str, key_map: KeyMap, targeted: Sequence[str]) -> str:
+  """PEFT's module name of a `ParamWrapper` over `param`: PEFT wraps the targeted parameters of
+  one module in torch's registration order, each around the last, so a parameter sits under one
+  `.base_layer` per targeted parameter registered after it."""
+  module, _, name = param.rpartition(".")
+  on_module = [n for n in key_map.expert_params if f"{module}.{n}" in targeted]
+  return module + ".base_layer" * (len(on_module) - 1 - on_module.index(name))
+
+
+def _export_experts(experts: Mapping[str, tuple[str, int, int]], plan: Plan,
+                    arrays: Mapping[str, Any], key_map: KeyMap, tensors: dict[str, np.ndarray],
+                    ranks: dict[str, int], alphas: dict[str, Any]) -> list[str]:
+  """Write the expert sites as PEFT `target_parameters` (into `tensors`, `ranks`, `alphas`).
+
+  PEFT's `ParamWrapper` over an `(E, out, in)` parameter has `lora_A.weight: (E·r, in)`, read as
+  `(E, r, in)`, and `lora_B.weight: (out, r·E)`, read as `(out, r, E)`, with
+  `ΔW[e] = scale·B[:, :, e]·A[e]`. Kernels `(E, in, out_k)` (layout `stack=(0) in=(1) out=(2)`)
+  fused along `out` (tunix `gate_proj` + `up_proj` = `gate_up_proj`) become one adapter of rank
+  `r = Σ r_k`: `A[e] = [A_0[e]ᵀ; A_1[e]ᵀ; ...]` and `B[e]` block-diagonal with blocks
+  `(s_k/s)·B_k[e]ᵀ`, `s = s_0` (alpha written so PEFT's scale is `s`), so every part's
+  `ΔW_k[e] = s_k·A_k[e]·B_k[e]` is exactly its rows of PEFT's.
+
+  Returns:
+    The PEFT parameter names written, for `target_parameters`.
+
+  Raises:
+    ValueError: naming the path, for a part whose siblings are not all adapted, or a kernel that
+      is not `(E, in, out)` with the experts as its one stack axis.
+  """
+  groups: dict[str, dict[int, str]] = collections.defaultdict(dict)
+  counts = {}
+  for path, (param, part, parts) in experts.items():
+    groups[param][part], counts[param] = path, parts
+  by_path = {site.path: site for site in plan.sites}
+  for param, parts in groups.items():
+    n = counts[param]
+    if set(parts) != set(range(n)):
+      want = key_map.from_experts(param) if key_map.from_experts else None
+      missing = [want[k] if want else f"part {k}" for k in range(n) if k not in parts]
+      raise ValueError(f"{next(iter(parts.values()))}: part of PEFT's fused parameter {param!r}, "
+                       f"which is one adapter; adapt its other kernels too: {missing}")
+  targeted = sorted(groups)
+  for param, parts in groups.items():
+    sites = [arrays[parts[k]] for k in range(len(parts))]
+    infos = [by_path[parts[k]] for k in range(len(parts))]
+    for site in infos:
+      _check_expert_layout(site, param)
+    scale = infos[0].scale
+    rank = sum(site.rank for site in infos)
+    experts_n, fan_in = infos[0].shape[0], infos[0].shape[1]
+    a = np.concatenate([np.asarray(x[1], np.float32) for x in sites], axis=-1)  # (E, in, r)
+    b = np.zeros((experts_n, rank, sum(site.shape[2] for site in infos)), np.float32)
+    r0 = o0 = 0
+    for site, (_, _, b_k) in zip(infos, sites):
+      b[:, r0:r0 + site.rank, o0:o0 + site.shape[2]] = np.asarray(b_k, np.float32) * (site.scale / scale)
+      r0, o0 = r0 + site.rank, o0 + site.shape[2]
+    module = _expert_module(param, key_map, targeted)
+    tensors[f"{PREFIX}{module}.lora_A.weight"] = a.transpose(0, 2, 1).reshape(experts_n * rank, fan_in)
+    tensors[f"{PREFIX}{module}.lora_B.weight"] = b.transpose(2, 1, 0).reshape(-1, rank * experts_n)
+    ranks[param] = rank
+    alphas[param] = _number(scale * (math.sqrt(rank) if plan.config.scaling == "rslora" else rank))
+  return targeted
+
+
+def _check_expert_layout(site: Site, param: str) -> None:
+  """Raise ValueError naming the path unless `site` is `(E, in, out)`, experts stacked."""
+  if site.layout != Layout((0,), (1,), (2,)):
+    raise ValueError(f"{site.path}: an expert kernel for PEFT's {param!r} must be (E, in, out) "
+                     f"with the experts as its stack axis (stack=(0) in=(1) out=(2)), but it is "
+                     f"{site.layout.describe(site.shape)}")
+
+
+def _import_experts(modules: dict[str, Any], config: Mapping[str, Any], key_map: KeyMap,
+                    leaves: Mapping[str, Any], where: str
+                    ) -> dict[str, tuple[str, tuple[int, int], int, float]]:
+  """Take PEFT's `target_parameters` wrappers that the key map places out of `modules` (in place).
+
+  A module `<m>(.base_layer)*` wraps the parameter of `<m>` that PEFT's nesting puts at that
+  depth (see `_expert_module`); the key map gives the kernels fused in it.
+
+  Returns:
+    `{path: (PEFT module, (offset, size) of its part along the out axis, rank, alpha)}`.
+
+  Raises:
+    ValueError: naming the key, for a kernel `base` lacks, or factors that do not fit the kernels
+      (`lora_A: (E·r, in)`, `lora_B: (Σ out_k, r·E)`), or a rank that `r`/`rank_pattern` does not
+      give.
+  """
+  targets = config["target_parameters"]
+  if key_map.from_experts is None or not targets:
+    return {}
+  out = {}
+  for module in list(modules):
+    plain, depth = module.replace(".base_layer", ""), module.count(".base_layer")
+    on_module = [n for n in key_map.expert_params
+                 if any(f"{plain}.{n}" == t or f"{plain}.{n}".endswith("." + t) for t in targets)]
+    if depth >= len(on_module):
+      continue
+    param = f"{plain}.{on_module[len(on_module) - 1 - depth]}"
+    paths = key_map.from_experts(param)
+    if paths is None:
+      continue
+    key = f"{PREFIX}{module}.lora_A.weight"
+    absent = [p for p in paths if p not in leaves]
+    if absent:
+      raise ValueError(f"lj.import_peft: {where}: tensor {key!r} (PEFT parameter {param!r}): the "
+                       f"key map maps it to {absent[0]!r}, which is not in `base`")
+    a, b = modules.pop(module)
+    shapes = [tuple(np.shape(leaves[p])) for p in paths]
+    experts_n, fan_in = shapes[0][0], shapes[0][1]
+    rank = a[0] // experts_n
+    if (any(len(x) != 3 for x in shapes) or a != (rank * experts_n, fan_in)
+        or b != (sum(x[2] for x in shapes), rank * experts_n)):
+      raise ValueError(f"lj.import_peft: {key}: lora_A {a} / lora_B {b} do not fit the expert "
+                       f"kernels {dict(zip(paths, shapes))} (PEFT's (E·r, in) / (out, r·E))")
+    want = _peft_lookup(config["rank_pattern"], config["r"], param)
+    if want != rank:
+      raise _config_error(where, "r / rank_pattern", f"gives PEFT parameter {param!r} r={want}, but "
+                          f"{key} has rank {rank} per expert (shape {a}, {experts_n} experts)")
+    alpha = _peft_lookup(config["alpha_pattern"], config["lora_alpha"], param)
+    offset = 0
+    for path, shape in zip(paths, shapes):
+      out[path] = (module, (offset, shape[2]), rank, alpha)
+      offset += shape[2]
+  return out
+
+
+def _expert_factors(experts: Mapping[str, tuple[str, tuple[int, int], int, float]], plan: Plan,
+                    tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`{path + LORA_A: A (E, in, r), path + LORA_B: B (E, r, out_k)}` for the expert kernels:
+  PEFT's `lora_A (E·r, in)` read as `(E, r, in)`, `lora_B (out, r·E)` as `(out, r, E)`, each part
+  taking its rows of `out` (fused parts share `A`)."""
+  sites = {s.path: s for s in plan.sites}
+  out = {}
+  for path, (module, (offset, size), rank, _) in experts.items():
+    experts_n = sites[path].shape[0]
+    a = tensors[f"{PREFIX}{module}.lora_A.weight"]
+    b = tensors[f"{PREFIX}{module}.lora_B.weight"]
+    out[path + LORA_A] = a.reshape(experts_n, rank, -1).transpose(0, 2, 1)
+    out[path + LORA_B] = b.reshape(-1, rank, experts_n).transpose(2, 1, 0)[:, :, offset:offset + size]
   return out
