@@ -280,16 +280,29 @@ def normal(rng: np.random.Generator, shape: tuple[int, ...], std: float = 1.0) -
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
+def _key_order(tree: Any) -> Any:
+  """The key order of nested plain dicts (None elsewhere)."""
+  return {k: _key_order(v) for k, v in tree.items()} if type(tree) is dict else None
+
+
+def _in_key_order(order: Any, tree: Any) -> Any:
+  """`tree` with its plain dicts' keys in `order` (pytree functions rebuild dicts sorted by key)."""
+  return tree if order is None else {k: _in_key_order(o, tree[k]) for k, o in order.items()}
+
+
 def jit_make(make: Callable[[], Any]) -> Any:
-  """`make()` (a model and its initialisers) as one XLA program instead of one per eager op."""
+  """`make()` (a model and its initialisers) as one XLA program instead of one per eager op, with
+  its dicts in the order `make` built them (the order of sites and of error messages)."""
   static = []
 
   def arrays():
-    dynamic, rest = eqx.partition(make(), eqx.is_array)
-    static.append(rest)
+    made = make()
+    dynamic, rest = eqx.partition(made, eqx.is_array)
+    static.append((rest, _key_order(made)))
     return dynamic
 
-  return eqx.combine(jax.jit(arrays, compiler_options=FAST_COMPILE)(), static[0])
+  dynamic = jax.jit(arrays, compiler_options=FAST_COMPILE)()
+  return _in_key_order(static[0][1], eqx.combine(dynamic, static[0][0]))
 
 
 def build() -> list[Entry]:
