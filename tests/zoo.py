@@ -265,64 +265,99 @@ def shard_map_mlp_fn(p, x):
 
 
 def _linen(name, module, x, targets, n_sites, rows):
-  variables = module.init(jax.random.key(0), x)
+  variables = jit_make(lambda: module.init(jax.random.key(0), x))
   return Entry(name, variables, module.apply, x, targets, n_sites, rows)
 
 
+def normal(rng: np.random.Generator, shape: tuple[int, ...], std: float = 1.0) -> jax.Array:
+  """A float32 normal draw made in numpy and put on the device (`jax.random` compiles a program
+  per shape: the zoo's draws cost more CPU than the tests that use them)."""
+  return jax.device_put((std * rng.standard_normal(shape)).astype(np.float32))
+
+
+# The zoo's parameters are inputs, compared with nothing: XLA's backend optimisation level 0 (cheaper
+# compiles, other float rounding) is fine for making them, never for what a test checks.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def _key_order(tree: Any) -> Any:
+  """The key order of nested plain dicts (None elsewhere)."""
+  return {k: _key_order(v) for k, v in tree.items()} if type(tree) is dict else None
+
+
+def _in_key_order(order: Any, tree: Any) -> Any:
+  """`tree` with its plain dicts' keys in `order` (pytree functions rebuild dicts sorted by key)."""
+  return tree if order is None else {k: _in_key_order(o, tree[k]) for k, o in order.items()}
+
+
+def jit_make(make: Callable[[], Any]) -> Any:
+  """`make()` (a model and its initialisers) as one XLA program instead of one per eager op, with
+  its dicts in the order `make` built them (the order of sites and of error messages)."""
+  static = []
+
+  def arrays():
+    made = make()
+    dynamic, rest = eqx.partition(made, eqx.is_array)
+    static.append((rest, _key_order(made)))
+    return dynamic
+
+  dynamic = jax.jit(arrays, compiler_options=FAST_COMPILE)()
+  return _in_key_order(static[0][1], eqx.combine(dynamic, static[0][0]))
+
+
 def build() -> list[Entry]:
-  k = jax.random.split(jax.random.key(42), 8)
-  seq = jax.random.normal(k[0], (2, 3, 32))
+  rng = np.random.default_rng(42)
+  seq = normal(rng, (2, 3, 32))
   entries = [
-      _linen("mlp", MLP(), jax.random.normal(k[1], (4, 24)), r".*/kernel", 3, 4),
+      _linen("mlp", MLP(), normal(rng, (4, 24)), r".*/kernel", 3, 4),
       _linen("attention_block", Block(), seq, r".*/(query|key|value|out|fc1|fc2)/kernel", 6, 6),
-      _linen("scan_remat", Stack(), jax.random.normal(k[2], (4, 32)), r".*/kernel", 1, 4),
-      _linen("cnn", CNN(), jax.random.normal(k[3], (1, 4, 4, 16)), r".*/kernel", 2, 16),
+      _linen("scan_remat", Stack(), normal(rng, (4, 32)), r".*/kernel", 1, 4),
+      _linen("cnn", CNN(), normal(rng, (1, 4, 4, 16)), r".*/kernel", 2, 16),
       _linen("embed_tied", TiedLM(), jnp.array([[1, 5, 7], [2, 63, 0]]), r".*/embedding", 1, 6),
       _linen("einsum_module", EinsumHeads(), seq, r".*/(kernel|proj)", 2, 6),
   ]
-  graphdef, state = nnx.split(NNXMLP(nnx.Rngs(0)))
+  graphdef, state = jit_make(lambda: nnx.split(NNXMLP(nnx.Rngs(0))))
   entries.append(Entry("nnx", state, lambda s, x: nnx.merge(graphdef, s)(x),
-                       jax.random.normal(k[4], (4, 24)), r".*/kernel", 2, 4))
-  params = {"w1": jax.random.normal(k[5], (48, 24)) * 0.2, "b1": jnp.zeros(48),
-            "w2": jax.random.normal(k[6], (16, 48)) * 0.2}
-  entries.append(Entry("plain_transposed", params, plain_fn, jax.random.normal(k[7], (4, 24)),
+                       normal(rng, (4, 24)), r".*/kernel", 2, 4))
+  params = {"w1": normal(rng, (48, 24), 0.2), "b1": jnp.zeros(48),
+            "w2": normal(rng, (16, 48), 0.2)}
+  entries.append(Entry("plain_transposed", params, plain_fn, normal(rng, (4, 24)),
                        r"w\d", 2, 4))
-  e = jax.random.split(jax.random.key(7), 8)
-  mlp = eqx.nn.MLP(24, 16, width_size=48, depth=2, key=e[0])
-  entries.append(Entry("eqx_mlp", mlp, lambda m, x: jax.vmap(m)(x), jax.random.normal(e[1], (4, 24)),
+  key = jax.random.key(7)
+  mlp = jit_make(lambda: eqx.nn.MLP(24, 16, width_size=48, depth=2, key=key))
+  entries.append(Entry("eqx_mlp", mlp, lambda m, x: jax.vmap(m)(x), normal(rng, (4, 24)),
                        r"layers/\d/weight", 3, 4))
-  entries.append(Entry("eqx_attention", EqxBlock(e[2]), lambda m, x: jax.vmap(m)(x), seq,
+  block = jit_make(lambda: EqxBlock(jax.random.fold_in(key, 1)))
+  entries.append(Entry("eqx_attention", block, lambda m, x: jax.vmap(m)(x), seq,
                        r".*_proj/weight|fc\d/weight", 6, 6))
-  tuple_params = TupleParams(jax.random.normal(e[3], (24, 48)) * 0.2, jnp.zeros(48),
-                             jax.random.normal(e[4], (48, 16)) * 0.2)
-  entries.append(Entry("namedtuple", tuple_params, namedtuple_fn, jax.random.normal(e[5], (4, 24)),
+  tuple_params = TupleParams(normal(rng, (24, 48), 0.2), jnp.zeros(48),
+                             normal(rng, (48, 16), 0.2))
+  entries.append(Entry("namedtuple", tuple_params, namedtuple_fn, normal(rng, (4, 24)),
                        r"w\d", 2, 4))
-  dc = DataclassModel(jax.random.normal(e[6], (64, 32)), jax.random.normal(e[7], (32, 4, 8)) * 0.2, 2.0)
+  dc = DataclassModel(normal(rng, (64, 32)), normal(rng, (32, 4, 8), 0.2), 2.0)
   entries.append(Entry("dataclass", dc, lambda m, t: m(t), jnp.array([[1, 5, 7], [2, 63, 0]]),
                        r"embed|heads", 2, 6))
-  r = jax.random.split(jax.random.key(11), 10)
-  xs = jax.random.normal(r[0], (4, 32))
-  stack = {"w": jax.random.normal(r[1], (L, 32, 32)) * 0.2}
+  xs = normal(rng, (4, 32))
+  stack = {"w": normal(rng, (L, 32, 32), 0.2)}
   for name, fn in (("layers_loop", layers_loop_fn), ("layers_fori", layers_fori_fn),
                    ("layers_while", layers_while_fn)):
     entries.append(Entry(name, stack, fn, xs, "w", 1, 4, reverse_mode=name != "layers_while"))
-  moe = {"router": jax.random.normal(r[2], (32, E)), "gate": jax.random.normal(r[3], (E, 32, 48)) * 0.2,
-         "up": jax.random.normal(r[4], (E, 32, 48)) * 0.2, "down": jax.random.normal(r[5], (E, 48, 32)) * 0.2}
+  moe = {"router": normal(rng, (32, E)), "gate": normal(rng, (E, 32, 48), 0.2),
+         "up": normal(rng, (E, 32, 48), 0.2), "down": normal(rng, (E, 48, 32), 0.2)}
   entries.append(Entry("moe_experts", moe, moe_fn, xs, "gate|up|down", 3, 4))
-  entries.append(Entry("fused_qkv", {"qkv": jax.random.normal(r[6], (32, 96)) * 0.2}, fused_qkv_fn, xs,
+  entries.append(Entry("fused_qkv", {"qkv": normal(rng, (32, 96), 0.2)}, fused_qkv_fn, xs,
                        "qkv", 1, 4, splits=3))
-  size1 = {"one": jax.random.normal(r[7], (1, 32, 32)) * 0.2, "w": jax.random.normal(r[8], (32, 48)) * 0.2}
+  size1 = {"one": normal(rng, (1, 32, 32), 0.2), "w": normal(rng, (32, 48), 0.2)}
   entries.append(Entry("size1_axes", size1, size1_axes_fn, xs, "one|w", 2, 4))
   entries.append(Entry("moe_ragged", {k: v for k, v in moe.items() if k != "router"}, moe_ragged_fn, xs,
                        "gate|up|down", 3, 4, ragged_groups=GROUPS))
-  c = jax.random.split(jax.random.key(13), 8)
-  qkv = {n: jax.random.normal(c[i], (32, 32)) * 0.2 for i, n in enumerate(("q", "k", "v", "gate"))}
+  qkv = {n: normal(rng, (32, 32), 0.2) for n in ("q", "k", "v", "gate")}
   entries.append(Entry("concat_qkv", qkv, concat_qkv_fn, xs, "q|k|v", 3, 4))
-  entries.append(Entry("layer_write", {"w": stack["w"], "new": jax.random.normal(c[4], (32, 32)) * 0.2},
+  entries.append(Entry("layer_write", {"w": stack["w"], "new": normal(rng, (32, 32), 0.2)},
                        layer_write_fn, xs, "w|new", 2, 4))
-  mlp_tp = {"w1": jax.random.normal(c[5], (32, 48)) * 0.2, "w2": jax.random.normal(c[6], (48, 32)) * 0.2}
+  mlp_tp = {"w1": normal(rng, (32, 48), 0.2), "w2": normal(rng, (48, 32), 0.2)}
   entries.append(Entry("shard_map_mlp", mlp_tp, shard_map_mlp_fn, xs, "w1|w2", 2, 4))
-  nnx_graph, nnx_state = nnx.split(NNXRematScan(nnx.Rngs(3)))
+  nnx_graph, nnx_state = jit_make(lambda: nnx.split(NNXRematScan(nnx.Rngs(3))))
   entries.append(Entry("nnx_remat_scan", nnx_state, lambda s, x: nnx.merge(nnx_graph, s)(x), xs,
                        r".*/kernel", 2, 4))
   return entries
