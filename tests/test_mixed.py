@@ -38,7 +38,8 @@ def _adapters(entry, specs=SPECS, traced=True):
 @functools.cache
 def _setup(name):
   """`(entry, adapters, bank)` of a model, built once per session (planning traces the model)."""
-  entry = _block_entry() if name == "remat_jit_cond" else zoo.entries()[name]
+  entry = {"remat_jit_cond": _block_entry, "routed_moe": _routed_moe_entry}.get(
+      name, lambda: zoo.entries()[name])()
   adapters = _adapters(entry)
   return entry, adapters, lj.stack_adapters(adapters)
 
@@ -60,6 +61,29 @@ def _block_entry():
                    jnp.asarray(r.standard_normal((5, 32)), jnp.float32), "w1|w2", 2, 5)
 
 
+def _routed_moe_fn(p, x):
+  """A top-1 MoE on `x (B, T, D)`: tokens sorted by expert, `lax.ragged_dot` per expert group
+  (group sizes computed from the batch, so a mixed batch gives each example its own)."""
+  b, t, d = x.shape
+  tokens = x.reshape(b * t, d)
+  expert = jnp.argmax(tokens @ p["router"], axis=-1)
+  order = jnp.argsort(expert, stable=True)
+  sizes = jnp.bincount(expert, length=p["gate"].shape[0]).astype(jnp.int32)
+  xs = tokens[order]
+  h = jax.nn.silu(jax.lax.ragged_dot(xs, p["gate"], sizes)) * jax.lax.ragged_dot(xs, p["up"], sizes)
+  y = jax.lax.ragged_dot(h, p["down"], sizes)
+  return jnp.zeros_like(y).at[order].set(y).reshape(b, t, -1)
+
+
+def _routed_moe_entry():
+  r = np.random.default_rng(6)
+  params = {"router": jnp.asarray(r.standard_normal((16, 3)), jnp.float32),
+            **{n: jnp.asarray(0.3 * r.standard_normal(s), jnp.float32)
+               for n, s in (("gate", (3, 16, 24)), ("up", (3, 16, 24)), ("down", (3, 24, 16)))}}
+  return zoo.Entry("routed_moe", params, _routed_moe_fn,
+                   jnp.asarray(r.standard_normal((5, 4, 16)), jnp.float32), "gate|up|down", 3, 20)
+
+
 def _mixed(entry, bank):
   @jax.jit
   def run(bank_tree, scale, ids, x):
@@ -69,8 +93,9 @@ def _mixed(entry, bank):
 
 
 # (a) a linen MLP, (b)+(c) a linen scan over a remat'd layer, a plain remat/jit/cond block,
-# (d) an MoE whose experts are picked out of a stacked kernel.
-@pytest.mark.parametrize("name", ["mlp", "scan_remat", "remat_jit_cond", "moe_experts"])
+# (d) an MoE whose experts are picked out of a stacked kernel, (e) one whose experts run as
+# `lax.ragged_dot` groups with per-example group sizes.
+@pytest.mark.parametrize("name", ["mlp", "scan_remat", "remat_jit_cond", "moe_experts", "routed_moe"])
 def test_mixed_batch_equals_each_adapter_alone(name):
   entry, adapters, bank = _setup(name)
   batch = entry.x.shape[0]
@@ -120,11 +145,12 @@ def test_mixed_flops_are_base_plus_per_example_low_rank_terms(name):
   assert 0 < mixed - base <= low_rank + slack, (mixed - base, low_rank, materialise)
 
 
-def test_mixed_batch_gradients_train_every_adapter_at_once():
+@pytest.mark.parametrize("name", ["scan_remat", "routed_moe"])
+def test_mixed_batch_gradients_train_every_adapter_at_once(name):
   """d loss / d bank factors equals, per adapter, the merged path's gradient over its rows (the
   rank-1 adapter's padded column gets zero gradient)."""
-  entry, adapters, bank = _setup("scan_remat")
-  ids = jnp.asarray([1, 0, -1, 1], jnp.int32)
+  entry, adapters, bank = _setup(name)
+  ids = jnp.asarray([1, 0, -1, 1, 0][:entry.x.shape[0]], jnp.int32)
   weights = jnp.asarray(np.random.default_rng(0).standard_normal(entry.x.shape), jnp.float32)
 
   def loss(bank_tree):
@@ -139,7 +165,7 @@ def test_mixed_batch_gradients_train_every_adapter_at_once():
 
     def ref_loss(t, plan=plan, rows=rows):
       y = lj.merged(entry.fn, plan)(lj.combine(entry.variables, t), entry.x)
-      return jnp.sum(jnp.where(rows[:, None], y * weights, 0.0))
+      return jnp.sum(jnp.where(rows.reshape(-1, *[1] * (y.ndim - 1)), y * weights, 0.0))
 
     ref = jax.grad(ref_loss)(tree)
     for p, r in jax.tree_util.tree_leaves_with_path(ref):

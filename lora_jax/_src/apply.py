@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .adapters import LORA_A, LORA_B, site_arrays, with_saved
-from .interpret import Apply, is_array, trace
+from .interpret import Apply, is_array, ragged, trace
 from .merge import merge
 from .sites import Plan
 from .tree import flatten, unbox
@@ -57,8 +57,9 @@ def unmerged(fn: Callable, plan: Plan, dropout_key: jax.Array | None = None,
   the function is `jax.vmap`-ed over the batch with each example's factors gathered from the bank
   (`A_i`: `(batch, *stack, *in, r)`), so the base ops stay one batched op on `W` and the low-rank
   terms are batched matmuls, per example (never `W + ΔW_i`, never a pass of the batch per
-  adapter). Functions whose ops cannot be `vmap`-ed (e.g. `lax.ragged_dot` with per-example
-  group sizes) raise JAX's error.
+  adapter). An MoE's `lax.ragged_dot` with per-example group sizes is batched by lora_jax's own
+  rule (`interpret/ragged.py`: rows sorted by group, one ragged dot); other ops JAX cannot
+  `vmap` raise JAX's error.
 
   Args:
     fn: `fn(variables, *args, **kwargs)`, any JAX function.
@@ -181,8 +182,9 @@ def _mixed(fn: Callable, plan: Plan, tree: Any, args: tuple, kwargs: dict, adapt
     out = traced.run(plan.sites, factors, Apply(plan.config.dropout, key), scales=own)
     return jax.tree_util.tree_map_with_path(lambda path, y: _drop_batch(path, y, batch_axis), out)
 
-  return jax.vmap(one, in_axes=(0, None if keys is None else 0, batch_axis),
-                  out_axes=batch_axis)(ids, keys, [leaves[k] for k in mapped])
+  with ragged.batchable():  # an MoE's ragged_dot gets per-example group sizes under this vmap
+    return jax.vmap(one, in_axes=(0, None if keys is None else 0, batch_axis),
+                    out_axes=batch_axis)(ids, keys, [leaves[k] for k in mapped])
 
 
 def _drop_batch(path: Any, y: Any, axis: int) -> Any:

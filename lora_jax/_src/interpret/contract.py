@@ -11,11 +11,11 @@ from __future__ import annotations
 import string
 
 import jax.numpy as jnp
-from jax import lax
 from jax.extend.core import primitives as P
 
 from ..layout import Role
-from .core import Apply, Infer, applies, bind, infers, materialize, materialize_all, primitive_of
+from . import ragged
+from .core import Apply, Infer, applies, bind, infers, materialize, materialize_all
 from .values import Tracked, View
 
 IN, OUT, STACK = Role.IN, Role.OUT, Role.STACK
@@ -203,11 +203,7 @@ def _gather(eqn, invals, ctx: Apply):
   return [base + _with_b(t, rows, dn.offset_dims[0]).astype(base.dtype)]
 
 
-_ragged_dot_p = primitive_of(lambda x, w, g: lax.ragged_dot(x, w, g), jnp.zeros((2, 2)),
-                             jnp.zeros((1, 2, 2)), jnp.ones(1, jnp.int32))
-
-
-@infers(_ragged_dot_p)
+@infers(ragged.PRIMITIVE)
 def _ragged_dot_infer(eqn, views, ctx: Infer):
   """A grouped matmul (`lax.ragged_dot`, the MoE kernel): the kernel's group axis is a stack
   axis (one adapter per expert), its contracted axes in-axes, the rest out-axes."""
@@ -221,7 +217,7 @@ def _ragged_dot_infer(eqn, views, ctx: Infer):
   return [None]
 
 
-@applies(_ragged_dot_p)
+@applies(ragged.PRIMITIVE)
 def _ragged_dot(eqn, invals, ctx: Apply):
   """`x·W_g + s·((x·A_g)·B_g)`, both low-rank products ragged dots with the same group sizes.
 
@@ -229,17 +225,12 @@ def _ragged_dot(eqn, invals, ctx: Apply):
   `stack, in, out`; any other form materialises (correct, reported).
   """
   x, t, group_sizes = invals
-  dn = eqn.params["ragged_dot_dimension_numbers"]
-  canonical = (dn.dot_dimension_numbers == (((1,), (1,)), ((), ())) and
-               tuple(dn.lhs_ragged_dimensions) == (0,) and tuple(dn.rhs_group_dimensions) == (0,))
   if (not isinstance(t, Tracked) or isinstance(x, Tracked) or isinstance(group_sizes, Tracked)
-      or not canonical or t.axes != ((STACK, 0), (IN, 0), (OUT, 0)) or eqn.params["group_offset"]):
+      or not ragged.canonical(eqn.params) or t.axes != ((STACK, 0), (IN, 0), (OUT, 0))):
     return materialize_all(eqn, invals, ctx, "ragged_dot in an unsupported form")
   ctx.low_rank(t, "ragged_dot")
   base = bind(eqn, [x, t.w, group_sizes])[0]
-  opts = dict(precision=eqn.params["precision"],
-              preferred_element_type=eqn.params["preferred_element_type"])
-  h = lax.ragged_dot(ctx.drop(x), t.a.astype(t.w.dtype), group_sizes, **opts)  # (m, r)
+  h = ragged.emit(eqn.params, ctx.drop(x), t.a.astype(t.w.dtype), group_sizes)  # (m, r)
   h = h * jnp.asarray(t.scale, h.dtype)
-  y = lax.ragged_dot(h, t.b.astype(h.dtype), group_sizes, **opts)  # (m, n)
+  y = ragged.emit(eqn.params, h, t.b.astype(h.dtype), group_sizes)  # (m, n)
   return [base + y.astype(base.dtype)]

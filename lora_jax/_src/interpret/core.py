@@ -27,6 +27,7 @@ from jax.extend.core import primitives as P
 
 from ..layout import Role
 from ..sites import Use
+from . import ragged
 from .values import Parts, QuantizedBase, Tracked, View
 
 InferHalf = Callable[[Any, list, "Infer"], list]
@@ -289,6 +290,8 @@ def bind(eqn, invals: Sequence[Any]) -> list:
 
 
 def _bind(eqn, invals: Sequence[Any]) -> list:
+  if eqn.primitive is ragged.PRIMITIVE and ragged.active() and ragged.canonical(eqn.params):
+    return [ragged.emit(eqn.params, *invals)]  # a mixed-adapter batch vmaps it
   params = eqn.primitive.get_bind_params(eqn.params)
   if isinstance(params, tuple):  # (subfuns, params) for primitives that carry functions
     subfuns, params = params
