@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(PY) examples/digits_mlp.py
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadfile  # 2 processes, each test file on one (its fixtures built once)
 
 # ruff + pyright (basic) over lora_jax/; needs the lint extra (CI installs it).
 lint: $(VENV)/.installed
