@@ -701,8 +701,8 @@ def import_peft(directory: str | os.PathLike, base: Any, *,
   `save_embedding_layers` table (`<module>.base_layer.weight`) replaces the base table, as PEFT
   loads it. PEFT `target_parameters` wrappers (MoE experts) that the key map places
   (`key_map.from_experts`) give each fused kernel PEFT's per-expert `A` and its rows of `B`
-  (see `_expert_factors`). Stack layers left out by `layers_to_transform` get zero factors (and the plan's
-  config keeps `layers_to_transform`, so `lj.attach`-style training keeps them zero).
+  (see `_expert_factors`). Stack layers left out by `layers_to_transform` get zero factors (and
+  the plan's config keeps `layers_to_transform`, so `lj.attach`-style training keeps them zero).
 
   Pass `apply_fn` and `args` (as for `lj.plan`) so each kernel's layout is read off its uses.
   They are needed for multi-axis kernels and stacks, and for any 2-D kernel whose orientation
